@@ -1,0 +1,57 @@
+# MailGrave — developer entry points.  See README.md.
+#   make run    the whole chain in the foreground, dev config under ./run/
+#   make test   install what the tests need, then lint, type-check and test
+SHELL := /bin/bash
+PY := /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEBIAN_PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Debian packages the programs and the tests use.
+DEB_PKGS := python3-yaml python3-systemd python3-dnspython python3-idna python3-venv \
+	python3-pytest python3-hypothesis python3-aiosmtpd python3-dnslib \
+	swaks s-nail mutt dnsmasq-base openssl procps iproute2 passwd \
+	systemd
+RUN_PORT ?= 2525
+
+.PHONY: all deps venv run test lint unit integration check-config clean bench
+
+all: venv
+
+deps: $(VENV)/.deps-stamp
+$(VENV)/.deps-stamp: Makefile
+	@missing=$$(for p in $(DEB_PKGS); do \
+		dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (run as root): $$missing"; exit 1; fi; \
+		echo "installing: $$missing"; \
+		env PATH=$(DEBIAN_PATH) DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		env PATH=$(DEBIAN_PATH) DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+venv: $(VENV)/.venv-stamp
+$(VENV)/.venv-stamp: pyproject.toml $(VENV)/.deps-stamp
+	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e . ruff mypy
+	@touch $@
+
+run: venv
+	$(BIN)/python -m mailgrave.devrun --port $(RUN_PORT)
+
+lint: venv
+	$(BIN)/ruff check mailgrave tests bench
+	$(BIN)/ruff format --check mailgrave tests bench
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: venv
+	$(BIN)/python -m pytest -q tests/integration
+
+test: venv lint
+	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+clean:
+	rm -rf $(VENV) run build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,75 @@
+"""qmail-queue's text0 envelope: ``F`` sender NUL, ``T`` recipient NUL ..., NUL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from mailgrave.address import AddressError, parse
+
+MAX_ENVELOPE = 1024 * 1024
+
+
+class EnvelopeError(ValueError):
+    """A malformed envelope; permanent."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Sender (``""`` for the null sender) and at least one recipient."""
+
+    sender: str
+    recipients: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        parts = [b"F" + self.sender.encode("utf-8", "surrogateescape") + b"\0"]
+        parts += [b"T" + r.encode("utf-8", "surrogateescape") + b"\0" for r in self.recipients]
+        parts.append(b"\0")
+        return b"".join(parts)
+
+
+def decode(data: bytes, *, validate: bool = True) -> Envelope:
+    """Decode a complete text0 envelope; with ``validate`` every address is checked."""
+    if len(data) > MAX_ENVELOPE:
+        raise EnvelopeError("envelope too large")
+    if not data.startswith(b"F") or not data.endswith(b"\0\0"):
+        raise EnvelopeError("envelope does not start with F or is not terminated")
+    fields = data[:-1].split(b"\0")[:-1]
+    try:
+        texts = [f.decode("utf-8") for f in fields]
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError("envelope is not UTF-8") from exc
+    sender = texts[0][1:]
+    recipients = []
+    for field in texts[1:]:
+        if not field.startswith("T"):
+            raise EnvelopeError("envelope field does not start with T")
+        recipients.append(field[1:])
+    if not recipients:
+        raise EnvelopeError("envelope has no recipients")
+    if validate:
+        try:
+            if sender:
+                sender = str(parse(sender))
+            recipients = [str(parse(r)) for r in recipients]
+        except AddressError as exc:
+            raise EnvelopeError(f"bad address in envelope: {exc}") from exc
+    return Envelope(sender, tuple(recipients))
+
+
+def read_envelope(stream: BinaryIO, limit: int = MAX_ENVELOPE) -> bytes:
+    """Read one text0 envelope from a buffered ``stream``, up to its final empty field."""
+    buf = bytearray()
+    while True:
+        b = stream.read(1)
+        if not b:
+            raise EnvelopeError("envelope truncated")
+        buf += b
+        if len(buf) > limit:
+            raise EnvelopeError("envelope too large")
+        if len(buf) >= 3 and buf.endswith(b"\0\0"):
+            if not buf.startswith(b"F"):
+                raise EnvelopeError("envelope does not start with F")
+            return bytes(buf)
+        if len(buf) == 1 and b != b"F":
+            raise EnvelopeError("envelope does not start with F")

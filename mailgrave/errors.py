@@ -1,0 +1,29 @@
+"""Failures that every boundary sorts into temporary or permanent, with qmail's exit codes."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_PERM = 100
+EXIT_TEMP = 111
+
+
+class DeliveryError(Exception):
+    """A failure with a reply text that is safe to show to a peer or a user."""
+
+    exit_code = EXIT_TEMP
+    code = "Z"
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class TempFail(DeliveryError):
+    """Try again later (qmail's 111, SMTP 4xx)."""
+
+
+class PermFail(DeliveryError):
+    """Will never succeed (qmail's 100, SMTP 5xx)."""
+
+    exit_code = EXIT_PERM
+    code = "D"

@@ -1,0 +1,73 @@
+"""One function per mail event, each writing one greppable line with journal fields."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from mailgrave.log import quote
+
+log = logging.getLogger("mailgrave")
+
+
+def _emit(level: int, text: str, **fields: object) -> None:
+    log.log(level, text, extra={"fields": {f"MAILGRAVE_{k.upper()}": v for k, v in fields.items()}})
+
+
+def queued(qid: str, sender: str, recipients: Iterable[str], size: int, origin: str) -> None:
+    rcpts = list(recipients)
+    _emit(
+        logging.INFO,
+        f"{qid}: queued from=<{sender}> to=<{'>,<'.join(rcpts)}> size={size} origin={origin}",
+        qid=qid,
+        status="queued",
+        **{"from": sender, "rcpt": ",".join(rcpts)},
+    )
+
+
+def delivered(qid: str, rcpt: str, via: str, reply: str) -> None:
+    _emit(
+        logging.INFO,
+        f"{qid}: delivered to=<{rcpt}> via={via} reply={quote(reply, 200)}",
+        qid=qid,
+        rcpt=rcpt,
+        status="delivered",
+    )
+
+
+def deferred(qid: str, rcpt: str, via: str, reply: str, next_attempt: str) -> None:
+    _emit(
+        logging.WARNING,
+        f"{qid}: deferred to=<{rcpt}> via={via} reply={quote(reply, 200)} next={next_attempt}",
+        qid=qid,
+        rcpt=rcpt,
+        status="deferred",
+    )
+
+
+def failed(qid: str, rcpt: str, via: str, reply: str) -> None:
+    _emit(
+        logging.WARNING,
+        f"{qid}: failed to=<{rcpt}> via={via} reply={quote(reply, 200)}",
+        qid=qid,
+        rcpt=rcpt,
+        status="failed",
+    )
+
+
+def bounced(qid: str, bounce_qid: str, sender: str, recipients: Iterable[str]) -> None:
+    _emit(
+        logging.INFO,
+        f"{qid}: bounce {bounce_qid} to=<{sender}> for <{'>,<'.join(recipients)}>",
+        qid=qid,
+        status="bounced",
+    )
+
+
+def removed(qid: str, reason: str) -> None:
+    _emit(logging.INFO, f"{qid}: removed ({reason})", qid=qid, status="removed")
+
+
+def rejected(stage: str, client: str, reason: str, **fields: object) -> None:
+    """A refusal by smtpd or inject; ``reason`` must already be quoted where it is client text."""
+    _emit(logging.INFO, f"reject {stage} from {client}: {reason}", status="rejected", **fields)

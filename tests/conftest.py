@@ -1,0 +1,154 @@
+"""Shared test fixtures: free ports, MailGrave instances in temp dirs, process clean-up by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, chosen by the kernel."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def program(name: str) -> str:
+    """Path of one of the project's console scripts in the test venv."""
+    path = BIN / name
+    assert path.exists(), f"{path} missing: run the tests through `make test`"
+    return str(path)
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate()`` until it returns something true; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
+        time.sleep(interval)
+
+
+class Processes:
+    """Processes a test started; all are killed (by PID, whole process group) at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(args, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+class Instance:
+    """A MailGrave configuration in a temp dir: spool, run dir, mailboxes."""
+
+    def __init__(self, base: Path, **overrides: Any) -> None:
+        self.base = base
+        self.spool = base / "spool"
+        self.run_dir = base / "run"
+        self.mail = base / "mail"
+        self.config_path = base / "mailgrave.yaml"
+        self.settings: dict[str, Any] = {
+            "hostname": "mx.example.org",
+            "spool": str(self.spool),
+            "run_dir": str(self.run_dir),
+            "local_domains": ["example.org"],
+            "local": {
+                "aliases": str(base / "aliases"),
+                "mbox_dir": str(self.mail / "spool"),
+                "virtual_user": _current_user(),
+                "virtual": {
+                    "alice@example.org": str(self.mail / "alice" / "Maildir") + "/",
+                    "bob@example.org": str(self.mail / "bob" / "Maildir") + "/",
+                    "postmaster@example.org": str(self.mail / "postmaster" / "Maildir") + "/",
+                },
+            },
+            # Never let a test's lookups reach the machine's resolver.
+            "remote": {"dns": {"nameservers": ["127.0.0.1"], "port": 9, "timeout": "2s"}},
+        }
+        _merge(self.settings, overrides)
+        (base / "aliases").touch()
+        self.write_config()
+
+    def write_config(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.settings))
+
+    def maildir(self, user: str) -> Path:
+        return self.mail / user / "Maildir"
+
+    def messages(self, user: str) -> list[bytes]:
+        """Messages delivered to a virtual user's Maildir (new/), oldest first."""
+        new = self.maildir(user) / "new"
+        if not new.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+    def run(self, name: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("timeout", 60)
+        return subprocess.run([program(name), "--config", str(self.config_path), *args], **kwargs)
+
+
+def _current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Instance:
+    return Instance(tmp_path)
