@@ -1,0 +1,55 @@
+"""systemd's socket-activation contract (sd_listen_fds) without libsystemd."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+SD_LISTEN_FDS_START = 3
+
+
+def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
+    """The sockets passed in ``LISTEN_FDS`` (fd 3 onwards), as socket objects.
+
+    As sd_listen_fds(3): only when ``LISTEN_PID`` names this process (or is
+    absent, for supervisors that cannot know the child's pid); the variables
+    are removed so that children do not inherit them.
+    """
+    count = os.environ.get("LISTEN_FDS", "")
+    pid = os.environ.get("LISTEN_PID", "")
+    if unset_environment:
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if not count.isdigit() or (pid and pid != str(os.getpid())):
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+def stdin_socket() -> socket.socket | None:
+    """fd 0 as a socket when it is one (inetd style, systemd ``Accept=yes``)."""
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        return None
+    try:
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of a Unix-socket peer (SO_PEERCRED), or None."""
+    import struct
+
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
