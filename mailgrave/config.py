@@ -260,6 +260,7 @@ class Remote:
 class Config:
     path: str = ""
     hostname: str = _opt(_domain, "")
+    origin: str = _opt(_domain, "")  # domain for bare local names; default: hostname
     spool: str = _opt(_nonempty_str, "/var/spool/mailgrave")
     run_dir: str = _opt(_nonempty_str, "/run/mailgrave")
     local_domains: tuple[str, ...] = _opt(_list(_domain), ())

@@ -102,7 +102,8 @@ class Instance:
             "local": {
                 "aliases": str(base / "aliases"),
                 "mbox_dir": str(self.mail / "spool"),
-                "virtual_user": _current_user(),
+                # Delivery never runs as root: as root, virtual mail goes as nobody.
+                "virtual_user": VIRTUAL_USER,
                 "virtual": {
                     "alice@example.org": str(self.mail / "alice" / "Maildir") + "/",
                     "bob@example.org": str(self.mail / "bob" / "Maildir") + "/",
@@ -114,6 +115,13 @@ class Instance:
         }
         _merge(self.settings, overrides)
         (base / "aliases").touch()
+        make_traversable(base)
+        self.mail.mkdir(exist_ok=True)
+        if os.getuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam(VIRTUAL_USER)
+            os.chown(self.mail, pw.pw_uid, pw.pw_gid)
         self.write_config()
 
     def write_config(self) -> None:
@@ -139,6 +147,23 @@ def _current_user() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+VIRTUAL_USER = "nobody" if os.getuid() == 0 else _current_user()
+
+
+def make_traversable(path: Path) -> None:
+    """Let other users (the delivery uids) reach ``path`` inside the temp dir."""
+    import stat
+    import tempfile
+
+    top = Path(tempfile.gettempdir()).resolve()
+    for p in [path.resolve(), *path.resolve().parents]:
+        if p == top or top not in p.parents:
+            break
+        mode = stat.S_IMODE(p.stat().st_mode)
+        if mode & 0o011 != 0o011:
+            p.chmod(mode | 0o011)
 
 
 def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:

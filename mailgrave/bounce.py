@@ -1,0 +1,143 @@
+"""RFC 3464 delivery status notifications: failures (bounces) and delay warnings."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+# Return the whole original message up to this size, else only its header.
+MAX_RETURNED = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One recipient in a notification: address, the reply that decided it, final or delayed."""
+
+    recipient: str
+    reply: str
+    status: str  # enhanced status code, e.g. 5.1.1 or 4.4.7
+
+
+def status_of(reply: str, permanent: bool) -> str:
+    """The enhanced status code found in ``reply``, else a generic one."""
+    import re
+
+    m = re.search(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b", reply)
+    if m and (m.group(1) == "5") == permanent:
+        return m.group(0)
+    return "5.0.0" if permanent else "4.0.0"
+
+
+def _header_value(text: str) -> str:
+    """Text made safe for a header line or a DSN field: one line, printable."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:900]
+
+
+def _original_parts(message_path: str) -> tuple[str, Iterator[bytes]]:
+    size = os.path.getsize(message_path)
+    whole = size <= MAX_RETURNED
+
+    def chunks() -> Iterator[bytes]:
+        with open(message_path, "rb") as f:
+            if whole:
+                while block := f.read(1 << 16):
+                    yield block
+                return
+            for line in f:
+                if line in (b"\n", b"\r\n"):
+                    return
+                yield line
+
+    return ("message/rfc822" if whole else "text/rfc822-headers"), chunks()
+
+
+def notification(
+    *,
+    hostname: str,
+    sender: str,
+    qid: str,
+    arrival: str,
+    failures: list[Failure],
+    message_path: str,
+    delay: bool = False,
+    date: str,
+) -> Iterator[bytes]:
+    """The notification to ``sender`` about ``failures`` of message ``qid``, as LF-ended bytes.
+
+    Streams the original message (or its header, when large) from the spool.
+    """
+    boundary = f"{qid}.{secrets.token_hex(6)}/{hostname}"
+    if delay:
+        subject = "Delayed Mail (still being retried)"
+        intro = (
+            f"This is the mail system at {hostname}.\n\n"
+            "Your message could not be delivered yet to the recipients below.\n"
+            "It is still being retried; you do not need to send it again.\n"
+        )
+        action = "delayed"
+    else:
+        subject = "Undelivered Mail Returned to Sender"
+        intro = (
+            f"This is the mail system at {hostname}.\n\n"
+            "I'm sorry to have to inform you that your message could not\n"
+            "be delivered to one or more recipients. It's attached below.\n"
+        )
+        action = "failed"
+    text = [intro, ""]
+    for f in failures:
+        text.append(f"<{f.recipient}>: {_header_value(f.reply)}")
+    content_type, original = _original_parts(message_path)
+    head = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
+        f"To: <{sender}>",
+        f"Subject: {subject}",
+        f"Date: {date}",
+        f"Message-ID: <{qid}.{secrets.token_hex(6)}@{hostname}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\n\tboundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        *text,
+        "",
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-MailGrave-Queue-ID: {qid}",
+        f"Arrival-Date: {arrival}",
+        "",
+    ]
+    for f in failures:
+        kind = "utf-8" if not f.recipient.isascii() else "rfc822"
+        head += [
+            f"Final-Recipient: {kind}; {f.recipient}",
+            f"Action: {action}",
+            f"Status: {f.status}",
+            f"Diagnostic-Code: smtp; {_header_value(f.reply)}",
+            f"Last-Attempt-Date: {date}",
+            "",
+        ]
+    head += [
+        f"--{boundary}",
+        "Content-Description: Undelivered Message"
+        + ("" if content_type == "message/rfc822" else " Headers"),
+        f"Content-Type: {content_type}",
+        "",
+        "",
+    ]
+    yield "\n".join(head).encode("utf-8")
+    last = b"\n"
+    for chunk in original:
+        if chunk:
+            last = chunk[-1:]
+        yield chunk
+    yield (b"" if last == b"\n" else b"\n") + f"\n--{boundary}--\n".encode()

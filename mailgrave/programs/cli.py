@@ -1,0 +1,254 @@
+"""mailgrave: the administrator's command — check the config, run the chain, inspect the queue."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from mailgrave import config as configmod
+from mailgrave.errors import EXIT_OK, EXIT_TEMP
+
+EXIT_USAGE = 64
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Report every problem in the configuration; exit non-zero when there is one."""
+    path = args.config or configmod.DEFAULT_PATH
+    try:
+        config = configmod.load(path)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    problems = []
+    if not config.hostname or "." not in config.hostname:
+        problems.append(f"{path}: hostname: {config.hostname!r} is not a fully qualified name")
+    tls = config.smtpd.tls
+    if bool(tls.certificate) != bool(tls.key):
+        problems.append(f"{path}: smtpd.tls: certificate and key go together")
+    for key, value in (("smtpd.tls.certificate", tls.certificate), ("smtpd.tls.key", tls.key)):
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"{path}: {key}: cannot read {value}")
+    aliases = config.local.aliases
+    if aliases and os.path.exists(aliases) and not os.access(aliases, os.R_OK):
+        problems.append(f"{path}: local.aliases: cannot read {aliases}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{path}: ok (hostname {config.hostname}, spool {config.spool})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailgrave import log as logmod
+    from mailgrave.supervisor import Supervisor
+
+    logmod.setup("run", args.debug)
+    config = configmod.load(args.config)
+    sup = Supervisor(config, args.listen or [], args.retry_interval)
+    for spec in args.listen or []:
+        print(f"mailgrave run: SMTP on {spec}", file=sys.stderr)
+    print(
+        f"mailgrave run: queue.ctrl at {config.socket_path('queue.ctrl')}, spool {config.spool}; "
+        "Ctrl-C stops",
+        file=sys.stderr,
+    )
+    return sup.run()
+
+
+# --- queue tools ----------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _entries(config: configmod.Config) -> list[tuple[str, object]]:
+    from mailgrave.envelope import EnvelopeError, decode
+    from mailgrave.spool import Recipient, Spool, State, qid_time
+
+    spool = Spool(config.spool)
+    out: list[tuple[str, object]] = []
+    for qid in spool.deferred():
+        state = spool.read_state(qid)
+        if state is not None:
+            out.append((qid, state))
+    known = {qid for qid, _ in out}
+    for qid in spool.todo():
+        if qid in known:
+            continue
+        try:
+            env = decode(spool.read_todo_envelope(qid), validate=False)
+            size = os.path.getsize(spool.message_path(qid))
+        except (OSError, EnvelopeError):
+            continue
+        state = State(qid, env.sender, [Recipient(a) for a in env.recipients], qid_time(qid), size)
+        out.append((qid, state))
+    return sorted(out, key=lambda item: item[0])
+
+
+def cmd_queue_list(config: configmod.Config) -> int:
+    from mailgrave.spool import State
+
+    entries = _entries(config)
+    if not entries:
+        print("Mail queue is empty")
+        return EXIT_OK
+    now = time.time()
+    print(f"{'Queue ID':<16} {'Age':>5} {'Size':>9}  Sender / Recipients")
+    for qid, obj in entries:
+        assert isinstance(obj, State)
+        flag = " (held)" if obj.held else ""
+        print(f"{qid:<16} {_age(now - obj.created):>5} {obj.size:>9}  <{obj.sender}>{flag}")
+        for r in obj.recipients:
+            line = f"{'':34}<{r.addr}> {r.state}"
+            if r.state == "pending" and r.attempts:
+                line += f", {r.attempts} attempt(s), next in {_age(r.next_attempt - now)}"
+            elif r.state == "pending":
+                line += ", new"
+            print(line)
+            if r.last_reply and r.state != "delivered":
+                print(f"{'':36}{r.last_reply[:200]}")
+    print(f"-- {len(entries)} message(s)")
+    return EXIT_OK
+
+
+def cmd_queue_show(config: configmod.Config, qid: str) -> int:
+    from mailgrave.spool import State
+
+    for found, obj in _entries(config):
+        if found != qid:
+            continue
+        assert isinstance(obj, State)
+        from mailgrave.spool import Spool
+
+        print(f"Queue ID: {qid}")
+        print(f"Sender: <{obj.sender}>")
+        print(f"Created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(obj.created))}")
+        print(f"Size: {obj.size}{'  (held)' if obj.held else ''}")
+        for r in obj.recipients:
+            print(f"Recipient: <{r.addr}> {r.state} attempts={r.attempts}")
+            if r.last_reply:
+                print(f"  Last reply: {r.last_reply}")
+        if obj.transcript:
+            print("Transcript of the last attempt(s):")
+            for line in obj.transcript:
+                print(f"  {line}")
+        print("Headers:")
+        with open(Spool(config.spool).message_path(qid), "rb") as f:
+            for raw in f:
+                if raw in (b"\n", b"\r\n"):
+                    break
+                print("  " + raw.decode("utf-8", "replace").rstrip("\r\n"))
+        return EXIT_OK
+    print(f"mailgrave: no message {qid} in the queue", file=sys.stderr)
+    return 1
+
+
+def cmd_queue_action(config: configmod.Config, action: str, qids: list[str], all_: bool) -> int:
+    """delete / hold / release / retry: applied now, or handed to the running mailgrave-send."""
+    from mailgrave.programs.send import apply_control, with_send_lock
+    from mailgrave.spool import Spool, is_qid
+
+    spool = Spool(config.spool)
+    if all_:
+        qids = [qid for qid, _ in _entries(config)]
+    bad = [q for q in qids if not is_qid(q)]
+    if bad:
+        print(f"mailgrave: not a queue id: {bad[0]}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def now() -> int:
+        missing = [q for q in qids if not apply_control(spool, q, action)]
+        for q in missing:
+            print(f"mailgrave: no message {q} in the queue", file=sys.stderr)
+        return 1 if missing else EXIT_OK
+
+    result = with_send_lock(spool, blocking=False, body=now)
+    if result is None:
+        # mailgrave-send is running: leave the request for it (it applies them each round).
+        for q in qids:
+            open(spool.path("ctl", f"{q}.{action}"), "w").close()
+        print(f"mailgrave: {action} requested; mailgrave-send is running and will apply it")
+        return EXIT_OK
+    if action in ("retry", "release") and result == EXIT_OK:
+        _wake_send(config)
+    return result
+
+
+def _wake_send(config: configmod.Config) -> None:
+    """Start a delivery run now (the spool's ctl/ entry wakes mailgrave-send.path)."""
+    from mailgrave.spool import Spool
+
+    spool = Spool(config.spool)
+    try:
+        open(spool.path("ctl", "wake"), "w").close()
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mailgrave", description="MailGrave administration: check, run, queue."
+    )
+    parser.add_argument(
+        "--config", help="configuration file (default /etc/mailgrave/mailgrave.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("check", help="validate the configuration; report every problem")
+    run = sub.add_parser("run", help="run the whole chain in the foreground (development, demos)")
+    run.add_argument(
+        "--listen", action="append", metavar="ADDR:PORT", help="SMTP listener (repeatable)"
+    )
+    run.add_argument("--retry-interval", type=float, default=60.0, metavar="SECONDS")
+    run.add_argument("--debug", action="store_true")
+    queue = sub.add_parser("queue", help="list the queue, or act on messages in it")
+    qsub = queue.add_subparsers(dest="action", metavar="ACTION")
+    qsub.add_parser("list", help="list queued messages (the default)")
+    show = qsub.add_parser("show", help="envelope, state, transcript and headers of one message")
+    show.add_argument("qid")
+    for action, text in (
+        ("retry", "attempt delivery now"),
+        ("delete", "remove from the queue without a bounce"),
+        ("hold", "keep in the queue without attempting delivery"),
+        ("release", "undo hold"),
+    ):
+        p = qsub.add_parser(action, help=text)
+        p.add_argument("qids", nargs="*", metavar="QID")
+        p.add_argument("--all", action="store_true", help="every message in the queue")
+    for p in (run, queue):
+        p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command == "check":
+        return cmd_check(args)
+    try:
+        config = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mailgrave: {problem}", file=sys.stderr)
+        return EXIT_TEMP
+    if args.command == "run":
+        return cmd_run(args)
+    action = args.action or "list"
+    if action == "list":
+        return cmd_queue_list(config)
+    if action == "show":
+        return cmd_queue_show(config, args.qid)
+    if not args.qids and not args.all:
+        print(f"mailgrave: queue {action}: name a queue id or --all", file=sys.stderr)
+        return EXIT_USAGE
+    return cmd_queue_action(config, action, args.qids, args.all)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

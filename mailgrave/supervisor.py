@@ -1,0 +1,246 @@
+"""``mailgrave run``: the whole chain in the foreground, started the way systemd would.
+
+The supervisor binds the control sockets (and SMTP listeners), then behaves
+like systemd's socket and path units: when a listening socket becomes
+readable and its service is not running, it starts the service with the
+socket as fd 3 (``LISTEN_FDS=1``); when ``todo/`` has an entry, or a retry is
+due, it starts mailgrave-send.  It reaps every child and stops them all on
+SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from mailgrave.config import Config
+from mailgrave.spool import Spool
+
+log = logging.getLogger(__name__)
+
+SEND_POLL = 0.1
+START_BURST = 10
+START_INTERVAL = 10.0
+TODO_RECHECK = 2.0
+
+
+@dataclass
+class Service:
+    """A socket-activated stage: its listener(s) and its running process, if any."""
+
+    name: str
+    module: str
+    listeners: list[socket.socket]
+    extra_args: list[str] = field(default_factory=list)
+    pid: int = 0
+    recent: list[float] = field(default_factory=list)
+    limited: bool = False
+
+
+def bind_unix(path: str, mode: int) -> socket.socket:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    os.chmod(path, mode)
+    sock.listen(256)
+    return sock
+
+
+def bind_tcp(spec: str) -> socket.socket:
+    """``ADDR:PORT`` or ``[V6]:PORT`` → a listening TCP socket."""
+    host, _, port = spec.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(256)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, config: Config, listen: list[str], retry_interval: float) -> None:
+        self.config = config
+        self.spool = Spool(config.spool)
+        self.retry_interval = retry_interval
+        self.stopping = False
+        self.send_pid = 0
+        self.last_send = 0.0
+        self.last_todo: frozenset[str] = frozenset()
+        cfg = ["--config", config.path]
+        os.makedirs(config.run_dir, exist_ok=True)
+        self.spool.create()
+        run = config.socket_path
+        self.services = [
+            Service(
+                "queue", "mailgrave.programs.queue", [bind_unix(run("queue.ctrl"), 0o666)], cfg
+            ),
+            Service(
+                "local", "mailgrave.programs.local", [bind_unix(run("local.ctrl"), 0o600)], cfg
+            ),
+            Service(
+                "remote", "mailgrave.programs.remote", [bind_unix(run("remote.ctrl"), 0o600)], cfg
+            ),
+        ]
+        if listen:
+            self.services.append(
+                Service("smtpd", "mailgrave.programs.smtpd", [bind_tcp(s) for s in listen], cfg)
+            )
+
+    def spawn(self, module: str, args: list[str], listeners: list[socket.socket]) -> int:
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                import fcntl
+
+                # Move every listener out of the way first, then to 3, 4, ...
+                high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 512) for s in listeners]
+                for i, fd in enumerate(high):
+                    os.dup2(fd, 3 + i, inheritable=True)
+                os.closerange(3 + len(listeners), 1024)
+                env = dict(os.environ)
+                if listeners:
+                    env["LISTEN_FDS"] = str(len(listeners))
+                    env["LISTEN_PID"] = str(os.getpid())
+                os.execve(sys.executable, [sys.executable, "-m", module, *args], env)
+            finally:
+                os._exit(127)
+        return pid
+
+    def _may_start(self, svc: Service) -> bool:
+        """systemd's start limit: at most START_BURST starts in START_INTERVAL seconds."""
+        now = time.monotonic()
+        svc.recent = [t for t in svc.recent if now - t < START_INTERVAL]
+        if len(svc.recent) >= START_BURST:
+            if not svc.limited:
+                log.error("mailgrave-%s keeps failing; not restarting it for a while", svc.name)
+                svc.limited = True
+            return False
+        svc.limited = False
+        svc.recent.append(now)
+        return True
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if pid == self.send_pid:
+                self.send_pid = 0
+                if code != 0:
+                    log.warning("mailgrave-send exited with %s", code)
+                continue
+            for svc in self.services:
+                if svc.pid == pid:
+                    svc.pid = 0
+                    if code != 0:
+                        log.warning("mailgrave-%s exited with %s", svc.name, code)
+
+    def send_due(self) -> bool:
+        if self.send_pid:
+            return False
+        since = time.monotonic() - self.last_send
+        try:
+            todo = frozenset(os.listdir(self.spool.path("todo")))
+            # Like a .path unit: new entries start a run at once; entries that a
+            # run left behind (being written, or broken) only every few seconds.
+            if todo and (todo != self.last_todo or since >= TODO_RECHECK):
+                self.last_todo = todo
+                return True
+            if os.listdir(self.spool.path("ctl")) and since >= 1.0:
+                return True
+            deferred = bool(os.listdir(self.spool.path("info")))
+        except FileNotFoundError:
+            return False
+        return deferred and since >= self.retry_interval
+
+    def run(self) -> int:
+        sel = selectors.DefaultSelector()
+        for svc in self.services:
+            for sock in svc.listeners:
+                sel.register(sock, selectors.EVENT_READ, svc)
+
+        def stop(_signum: int, _frame: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        log.info("mailgrave run: chain ready (config %s)", self.config.path)
+        try:
+            while not self.stopping:
+                for key, _ in sel.select(timeout=SEND_POLL):
+                    svc = key.data
+                    if not svc.pid and self._may_start(svc):
+                        svc.pid = self.spawn(svc.module, svc.extra_args, svc.listeners)
+                    for sock in svc.listeners:
+                        sel.unregister(sock)
+                self.reap()
+                for svc in self.services:
+                    resting = svc.limited and time.monotonic() - svc.recent[0] < START_INTERVAL
+                    if not svc.pid and not resting and not _registered(sel, svc.listeners[0]):
+                        for sock in svc.listeners:
+                            sel.register(sock, selectors.EVENT_READ, svc)
+                if self.send_due():
+                    self.last_send = time.monotonic()
+                    self.send_pid = self.spawn(
+                        "mailgrave.programs.send", ["--config", self.config.path], []
+                    )
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        pids = [svc.pid for svc in self.services if svc.pid] + (
+            [self.send_pid] if self.send_pid else []
+        )
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        for pid in pids:
+            while time.monotonic() < deadline:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if done:
+                    break
+                time.sleep(0.05)
+            else:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+        for svc in self.services:
+            for sock in svc.listeners:
+                if sock.family == socket.AF_UNIX:
+                    try:
+                        os.unlink(sock.getsockname())
+                    except OSError:
+                        pass
+                sock.close()
+
+
+def _registered(sel: selectors.BaseSelector, sock: socket.socket) -> bool:
+    try:
+        sel.get_key(sock)
+    except KeyError:
+        return False
+    return True
