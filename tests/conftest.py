@@ -137,10 +137,50 @@ class Instance:
             return []
         return [p.read_bytes() for p in sorted(new.iterdir())]
 
+    def start(
+        self, processes: Processes, listen: str | None = None, retry_interval: float = 1.0
+    ) -> subprocess.Popen[bytes]:
+        """Run the whole chain (`mailgrave run`) for this instance; wait until it listens."""
+        args = [program("mailgrave"), "--config", str(self.config_path), "run"]
+        args += ["--retry-interval", str(retry_interval)]
+        if listen:
+            args += ["--listen", listen]
+        self.log = self.base / "run.log"
+        proc = processes.start(args, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
+        wait_for(lambda: (self.run_dir / "queue.ctrl").exists() or proc.poll() is not None)
+        assert proc.poll() is None, self.log.read_text()[-3000:]
+        if listen:
+            host, _, port = listen.rpartition(":")
+            wait_for(lambda: _connectable(host.strip("[]"), int(port)))
+        return proc
+
+    def sendmail(
+        self, *args: str, data: bytes, **kwargs: Any
+    ) -> subprocess.CompletedProcess[bytes]:
+        """mailgrave-inject (sendmail interface) with this instance's config."""
+        return self.run("mailgrave-inject", *args, input=data, **kwargs)
+
+    def spool_entries(self) -> list[str]:
+        """Every file left in the spool's message directories."""
+        found = []
+        for sub in ("tmp", "todo", "mess", "info"):
+            d = self.spool / sub
+            if d.is_dir():
+                found += [f"{sub}/{n}" for n in os.listdir(d)]
+        return found
+
     def run(self, name: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("timeout", 60)
         return subprocess.run([program(name), "--config", str(self.config_path), *args], **kwargs)
+
+
+def _connectable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _current_user() -> str:
