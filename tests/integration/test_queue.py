@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mailgrave.envelope import Envelope
-from mailgrave.errors import PermFail, TempFail
+from mailgrave.errors import PermFail
 from mailgrave.queueclient import QueueClient
 from tests.conftest import Instance, Processes, program, wait_for
 
@@ -159,7 +159,7 @@ def test_disk_full_is_temporary_and_leaves_nothing(tmp_path: Path) -> None:
 
 def _hwm_kb(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(l for l in status.splitlines() if l.startswith("VmHWM")).split()[1])
+    return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
 
 
 def test_fifty_megabytes_in_bounded_memory(instance: Instance, processes: Processes) -> None:
