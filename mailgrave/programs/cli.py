@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "--config", help="configuration file (default /etc/mailgrave/mailgrave.yaml)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("check", help="validate the configuration; report every problem")
+    check = sub.add_parser("check", help="validate the configuration; report every problem")
     run = sub.add_parser("run", help="run the whole chain in the foreground (development, demos)")
     run.add_argument(
         "--listen", action="append", metavar="ADDR:PORT", help="SMTP listener (repeatable)"
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         p = qsub.add_parser(action, help=text)
         p.add_argument("qids", nargs="*", metavar="QID")
         p.add_argument("--all", action="store_true", help="every message in the queue")
-    for p in (run, queue):
+    for p in (check, run, queue):
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command is None:

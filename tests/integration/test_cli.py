@@ -1,0 +1,111 @@
+"""The mailgrave admin command: check, and the queue tools on a real spool."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import Instance, Processes, program
+from tests.integration.test_queue import start_queue
+
+
+def test_check_reports_every_problem_by_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "mailgrave.yaml"
+    cfg.write_text("smtpd:\n  max_recipients: lots\n  bogus: 1\nqueue:\n  lifetime: 3x\n")
+    res = subprocess.run([program("mailgrave"), "check", "--config", str(cfg)], capture_output=True)
+    assert res.returncode != 0
+    lines = res.stderr.decode().splitlines()
+    assert f'{cfg}: smtpd.max_recipients: expected an integer, got "lots"' in lines
+    assert f"{cfg}: smtpd.bogus: unknown key" in lines
+    assert any(line.startswith(f"{cfg}: queue.lifetime:") for line in lines)
+
+
+def test_check_unreadable_and_good(tmp_path: Path, instance: Instance) -> None:
+    res = subprocess.run(
+        [program("mailgrave"), "check", "--config", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+    )
+    assert res.returncode != 0 and b"nope.yaml: cannot read" in res.stderr
+    res = subprocess.run(
+        [program("mailgrave"), "check", "--config", str(instance.config_path)], capture_output=True
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_daemons_exit_111_on_a_bad_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("spool: [1]\n")
+    for name in ("mailgrave-queue", "mailgrave-send"):
+        res = subprocess.run(
+            [program(name), "--config", str(cfg)], capture_output=True, stdin=subprocess.DEVNULL
+        )
+        assert res.returncode == 111, name
+        assert f"{cfg}: spool: expected a string".encode() in res.stderr
+
+
+def _queue_three(inst: Instance, processes: Processes) -> list[str]:
+    """Three messages to remote recipients, all deferred (no delivery agents are running)."""
+    start_queue(inst, processes)
+    for i in range(3):
+        res = inst.sendmail(f"user{i}@remote.test", data=f"Subject: m{i}\n\nx\n".encode())
+        assert res.returncode == 0
+    assert inst.run("mailgrave-send").returncode == 0
+    qids = sorted(os.listdir(inst.spool / "info"))
+    assert len(qids) == 3
+    return qids
+
+
+def test_queue_tools_hold_release_retry_delete(instance: Instance, processes: Processes) -> None:
+    a, b, c = _queue_three(instance, processes)
+    # One more, new (still in todo/): the list shows it too.
+    assert instance.sendmail("new@remote.test", data=b"Subject: new\n\nx\n").returncode == 0
+    listing = instance.run("mailgrave", "queue").stdout.decode()
+    assert listing.count("pending") == 4 and "new@remote.test> pending, new" in listing
+    assert "1 attempt(s), next in" in listing
+    assert "delivery agent unreachable (remote.ctrl)" in listing  # the last reply
+
+    assert instance.run("mailgrave", "queue", "hold", a).returncode == 0
+    assert f"{a}" in instance.run("mailgrave", "queue").stdout.decode()
+    shown = instance.run("mailgrave", "queue", "show", a).stdout.decode()
+    assert (
+        "(held)" in shown
+        and "Subject: m0" in shown
+        and "Recipient: <user0@remote.test> pending" in shown
+    )
+
+    assert instance.run("mailgrave", "queue", "delete", b).returncode == 0
+    assert b not in instance.run("mailgrave", "queue").stdout.decode()
+    assert not (instance.spool / "mess" / b).exists()
+
+    # retry makes the deferred message due now; a send run attempts it again.
+    assert instance.run("mailgrave", "queue", "retry", c).returncode == 0
+    assert instance.run("mailgrave-send").returncode == 0
+    shown = instance.run("mailgrave", "queue", "show", c).stdout.decode()
+    assert "attempts=2" in shown
+    # The held one was not attempted.
+    assert "attempts=1" in instance.run("mailgrave", "queue", "show", a).stdout.decode()
+    assert instance.run("mailgrave", "queue", "release", a).returncode == 0
+    assert "(held)" not in instance.run("mailgrave", "queue", "show", a).stdout.decode()
+
+    res = instance.run("mailgrave", "queue", "delete", "000000000000000")
+    assert res.returncode != 0 and b"no message" in res.stderr
+    res = instance.run("mailgrave", "queue", "retry", "../../etc")
+    assert res.returncode == 64
+
+
+def test_queue_tools_defer_to_a_running_send(instance: Instance, processes: Processes) -> None:
+    a, _b, _c = _queue_three(instance, processes)
+    import fcntl
+
+    fd = os.open(instance.spool / "send.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a send run is busy
+        res = instance.run("mailgrave", "queue", "hold", a)
+        assert res.returncode == 0 and b"requested" in res.stdout
+        assert (instance.spool / "ctl" / f"{a}.hold").exists()
+    finally:
+        os.close(fd)
+    assert instance.run("mailgrave-send").returncode == 0  # applies the request
+    assert not (instance.spool / "ctl" / f"{a}.hold").exists()
+    assert "(held)" in instance.run("mailgrave", "queue", "show", a).stdout.decode()
