@@ -274,8 +274,11 @@ class Config:
     remote: Remote = _section(Remote)
 
     def is_local_domain(self, domain: str) -> bool:
+        """local_domains, the hostname, localhost, and every domain of a virtual mailbox."""
         domain = domain.lower()
-        return domain in self.local_domains or domain in (self.hostname, "localhost")
+        if domain in self.local_domains or domain in (self.hostname, "localhost"):
+            return True
+        return any(addr.rpartition("@")[2] == domain for addr in self.local.virtual)
 
     def may_relay(self, ip: str) -> bool:
         try:

@@ -95,3 +95,8 @@ def test_sizes_and_durations() -> None:
         432000,
         7,
     ]
+
+
+def test_virtual_domains_are_local() -> None:
+    c = config.parse_text("local:\n  virtual: {a@virt.example: /x/}\n")
+    assert c.is_local_domain("virt.example") and not c.is_local_domain("other.example")
