@@ -104,6 +104,16 @@ def sendmail(box: Container, user: str, *args: str, body: str = "hello\n") -> st
     return m.group(1)
 
 
+def swaks(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["swaks", "--server", f"{CONTAINER_ADDR}:25", "--timeout", "30", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def identifiers(box: Container, qid: str) -> set[str]:
     out = box.run("journalctl", "--no-pager", "-o", "json", f"MAILGRAVE_QID={qid}").stdout
     return {json.loads(line).get("SYSLOG_IDENTIFIER", "") for line in out.splitlines() if line}
@@ -153,24 +163,13 @@ def test_programs_use_debian_python(box: Container) -> None:
 
 
 def test_swaks_from_the_host_reaches_a_maildir(box: Container) -> None:
-    result = subprocess.run(
-        [
-            "swaks",
-            "--server",
-            f"{CONTAINER_ADDR}:25",
-            "--from",
-            "sender@example.com",
-            "--to",
-            f"alice@{MAILNAME}",
-            "--header",
-            "Subject: over SMTP",
-            "--timeout",
-            "30",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = swaks(
+        "--from",
+        "sender@example.com",
+        "--to",
+        f"alice@{MAILNAME}",
+        "--header",
+        "Subject: over SMTP",
     )
     assert result.returncode == 0, result.stdout + result.stderr + mailgrave_journal(box)
     files = wait_mail(box, "alice", 1)
@@ -209,6 +208,28 @@ def test_per_connection_instances_come_and_go(box: Container) -> None:
         time.sleep(0.5)
     # They ran: the journal has finished sessions from the host's address.
     assert HOST_ADDR in journal(box, "-t", "mailgrave-smtpd")
+
+
+def test_busy_site_alternative_listen_fds(box: Container) -> None:
+    """mailgrave-smtpd.socket: one warm parent gets the listener, forks per connection."""
+    box.run("systemctl", "disable", "--now", "mailgrave.socket")
+    box.run("systemctl", "enable", "--now", "mailgrave-smtpd.socket")
+    try:
+        before = len(maildir(box, "alice"))
+        for i in range(3):
+            result = swaks("--to", f"alice@{MAILNAME}", "--header", f"Subject: warm {i}")
+            assert result.returncode == 0, result.stdout + mailgrave_journal(box)
+        wait_mail(box, "alice", before + 3)
+        state = box.run(
+            "systemctl", "show", "-P", "NRestarts,ExecMainStartTimestamp", "mailgrave-smtpd.service"
+        ).stdout
+        assert state.split()[0] == "0" and len(state.split()) > 1, state
+    finally:
+        box.run(
+            "systemctl", "disable", "--now", "mailgrave-smtpd.socket", "mailgrave-smtpd.service"
+        )
+        box.run("systemctl", "enable", "--now", "mailgrave.socket")
+    assert box.run("systemctl", "is-active", "mailgrave.socket").stdout.strip() == "active"
 
 
 def test_remote_delivery_through_a_route_to_a_sink_on_the_host(box: Container) -> None:

@@ -1,0 +1,91 @@
+"""What the package ships, checked without a container: default config, man pages, units,
+sysusers and tmpfiles agree with the code and with each other."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mailgrave import config as configmod
+from mailgrave.spool import SUBDIRS
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = sorted((ROOT / "systemd").iterdir())
+MAN = sorted((ROOT / "docs" / "man").iterdir())
+PROGRAMS = ("mailgrave", "mailgrave-smtpd", "mailgrave-inject", "mailgrave-queue")
+PROGRAMS += ("mailgrave-send", "mailgrave-local", "mailgrave-remote")
+
+
+def test_shipped_config_is_valid_and_its_comments_show_the_defaults() -> None:
+    text = (ROOT / "etc" / "mailgrave.yaml").read_text()
+    shipped = configmod.parse_text(text, "etc/mailgrave.yaml")
+    defaults = configmod.Config()
+    assert shipped.relay_networks == defaults.relay_networks
+    # Uncomment every setting (not hostname/origin, which default to the host's name):
+    # the result must parse and equal the built-in defaults, section by section.
+    uncommented = re.sub(r"^#(?=[a-z_]+:|  )", "", text, flags=re.M)
+    uncommented = re.sub(r"^(hostname|origin):.*$", "", uncommented, flags=re.M)
+    assert uncommented.count("\n#") < text.count("\n#")
+    every = configmod.parse_text(uncommented, "uncommented")
+    for name in ("smtpd", "local", "queue", "remote", "relay_networks", "spool", "run_dir"):
+        assert getattr(every, name) == getattr(defaults, name), name
+    assert every.local_domains == ()
+
+
+@pytest.mark.parametrize("page", MAN, ids=lambda p: p.name)
+def test_man_page_renders_without_warnings(page: Path) -> None:
+    groff = shutil.which("groff", path="/usr/bin:/bin")
+    if groff is None:
+        pytest.fail("groff missing: run `make system-test` (it installs groff-base)")
+    result = subprocess.run(
+        [groff, "-man", "-Tutf8", "-ww", str(page)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "FILES", "EXIT STATUS"):
+        assert f"\n.SH {section}\n" in page.read_text(), (page.name, section)
+    assert "\n.SH SECURITY\n" in page.read_text() and "\n.SH SEE ALSO\n" in page.read_text()
+
+
+def test_every_program_has_a_man_page() -> None:
+    names = {p.name for p in MAN}
+    for program in PROGRAMS:
+        assert f"{program}.8" in names, program
+    assert {"mailgrave.yaml.5", "mailgrave.7"} <= names
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_documents_itself_and_runs_as_its_own_user(unit: Path) -> None:
+    text = unit.read_text()
+    pages = re.findall(r"man:([\w.@-]+)\((\d)\)", text)
+    assert pages, "no Documentation=man:"
+    for name, section in pages:
+        assert (ROOT / "docs" / "man" / f"{name}.{section}").exists(), name
+    if unit.suffix == ".service":
+        assert "NoNewPrivileges=yes" in text and "ProtectSystem=strict" in text
+        assert "SystemCallFilter=" in text and "RestrictAddressFamilies=" in text
+        user = re.search(r"^User=(\S+)", text, re.M)
+        assert user, "no User="
+        sysusers = (ROOT / "packaging" / "sysusers.d" / "mailgrave.conf").read_text()
+        assert user.group(1) == "root" or f"u     {user.group(1)} " in sysusers
+
+
+def test_tmpfiles_creates_every_spool_directory_for_the_queue() -> None:
+    text = (ROOT / "packaging" / "tmpfiles.d" / "mailgrave.conf").read_text()
+    defaults = configmod.Config()
+    for sub in ("", *SUBDIRS):
+        path = f"{defaults.spool}/{sub}".rstrip("/")
+        line = re.search(rf"^d\s+{re.escape(path)}\s+(\S+)\s+(\S+)\s+(\S+)", text, re.M)
+        assert line, path
+        assert line.groups() == ("2770", "mailgrave-queue", "mailgrave")
+    assert re.search(rf"^d\s+{re.escape(defaults.run_dir)}\s", text, re.M)
+
+
+def test_control_sockets_match_the_configured_run_dir() -> None:
+    run_dir = configmod.Config().run_dir
+    for name in ("queue", "local", "remote"):
+        text = (ROOT / "systemd" / f"mailgrave-{name}.socket").read_text()
+        assert f"ListenStream={run_dir}/{name}.ctrl" in text
