@@ -1,6 +1,8 @@
 # MailGrave — developer entry points.  See README.md.
 #   make run    the whole chain in the foreground, dev config under ./run/
 #   make test   install what the tests need, then lint, type-check and test
+#   make deb    build/deb/mailgrave_*.deb (dpkg-buildpackage), then lintian
+#   make system-test  the .deb on Debian 12 booted with systemd-nspawn (root)
 SHELL := /bin/bash
 PY := /usr/bin/python3
 VENV := .venv
