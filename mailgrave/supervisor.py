@@ -81,15 +81,9 @@ class Supervisor:
         self.spool.create()
         run = config.socket_path
         self.services = [
-            Service(
-                "queue", "mailgrave.programs.queue", [bind_unix(run("queue.ctrl"), 0o666)], cfg
-            ),
-            Service(
-                "local", "mailgrave.programs.local", [bind_unix(run("local.ctrl"), 0o600)], cfg
-            ),
-            Service(
-                "remote", "mailgrave.programs.remote", [bind_unix(run("remote.ctrl"), 0o600)], cfg
-            ),
+            Service(name, f"mailgrave.programs.{name}", [bind_unix(run(f"{name}.ctrl"), mode)], cfg)
+            for name, mode in (("queue", 0o666), ("local", 0o600), ("remote", 0o600))
+            if _installed(f"mailgrave.programs.{name}")
         ]
         if listen:
             self.services.append(
@@ -117,7 +111,7 @@ class Supervisor:
         return pid
 
     def _may_start(self, svc: Service) -> bool:
-        """systemd's start limit: at most START_BURST starts in START_INTERVAL seconds."""
+        """A start limit: after START_BURST failures within START_INTERVAL seconds, rest."""
         now = time.monotonic()
         svc.recent = [t for t in svc.recent if now - t < START_INTERVAL]
         if len(svc.recent) >= START_BURST:
@@ -126,7 +120,6 @@ class Supervisor:
                 svc.limited = True
             return False
         svc.limited = False
-        svc.recent.append(now)
         return True
 
     def reap(self) -> None:
@@ -147,6 +140,7 @@ class Supervisor:
                 if svc.pid == pid:
                     svc.pid = 0
                     if code != 0:
+                        svc.recent.append(time.monotonic())
                         log.warning("mailgrave-%s exited with %s", svc.name, code)
 
     def send_due(self) -> bool:
@@ -236,6 +230,13 @@ class Supervisor:
                     except OSError:
                         pass
                 sock.close()
+
+
+def _installed(module: str) -> bool:
+    """Is this stage's program present? A missing one is not started (a unit not installed)."""
+    from importlib.util import find_spec
+
+    return find_spec(module) is not None
 
 
 def _registered(sel: selectors.BaseSelector, sock: socket.socket) -> bool:

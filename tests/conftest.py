@@ -19,6 +19,29 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Delivery runs as other users (never root), so test dirs must be reachable by them.
+
+    pytest makes its shared /tmp/pytest-of-USER private again at every run;
+    give this run a base directory of its own that other uids can traverse.
+    """
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        import tempfile
+
+        base = tempfile.mkdtemp(prefix="mailgrave-tests-")
+        os.chmod(base, 0o711)
+        config.option.basetemp = base
+        config._mailgrave_basetemp = base  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    base = getattr(config, "_mailgrave_basetemp", None)
+    if base and not os.environ.get("MAILGRAVE_KEEP_TEST_DIRS"):
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now, chosen by the kernel."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -146,7 +169,8 @@ class Instance:
         if listen:
             args += ["--listen", listen]
         self.log = self.base / "run.log"
-        proc = processes.start(args, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
+        with self.log.open("wb") as log:
+            proc = processes.start(args, stdout=subprocess.DEVNULL, stderr=log)
         wait_for(lambda: (self.run_dir / "queue.ctrl").exists() or proc.poll() is not None)
         assert proc.poll() is None, self.log.read_text()[-3000:]
         if listen:

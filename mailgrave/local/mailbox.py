@@ -1,0 +1,225 @@
+"""Writing one message into a mailbox: Maildir, mbox (and /file aliases), or a |command.
+
+Each function runs in a child that already is the recipient's uid; it reads
+the spool message from ``fd`` (LF line ends) with ``pread``, so every
+recipient starts at offset 0 and nothing is held in memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+from mailgrave.errors import PermFail, TempFail
+
+BLOCK = 1 << 16
+DOTLOCK_STALE = 300.0
+PIPE_TIMEOUT = 600.0
+_counter = 0
+
+
+def blocks(fd: int) -> Iterator[bytes]:
+    offset = 0
+    while True:
+        data = os.pread(fd, BLOCK, offset)
+        if not data:
+            return
+        offset += len(data)
+        yield data
+
+
+def lines(fd: int) -> Iterator[bytes]:
+    """The message line by line (the last line may lack its LF)."""
+    rest = b""
+    for data in blocks(fd):
+        data = rest + data
+        parts = data.split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part + b"\n"
+    if rest:
+        yield rest
+
+
+def header_lines(fd: int) -> Iterator[bytes]:
+    for line in lines(fd):
+        if line in (b"\n", b"\r\n"):
+            return
+        yield line
+
+
+def has_delivered_to(fd: int, rcpt: str) -> bool:
+    """True when the header already carries ``Delivered-To: rcpt`` (a mail loop)."""
+    want = rcpt.lower().encode("utf-8", "surrogateescape")
+    for line in header_lines(fd):
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"delivered-to" and value.strip().lower() == want:
+            return True
+    return False
+
+
+def _write_all(out: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(out, view) :]
+
+
+def _io_failure(exc: OSError, what: str) -> TempFail | PermFail:
+    if exc.errno in (errno.EDQUOT,):
+        return TempFail(f"4.2.2 mailbox full ({what})")
+    if exc.errno == errno.ENOSPC:
+        return TempFail(f"4.3.1 no space left on device ({what})")
+    return TempFail(f"4.2.0 cannot write {what}: {os.strerror(exc.errno or 0)}")
+
+
+def maildir(path: str, fd: int, prefix: bytes) -> str:
+    """Deliver into the Maildir ``path``: tmp/ → fsync → link into new/ → fsync new/."""
+    global _counter
+    try:
+        for sub in ("", "tmp", "new", "cur"):
+            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        _counter += 1
+        now = time.time()
+        host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        name = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{_counter}.{host}"
+        tmp = os.path.join(path, "tmp", name)
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(out, prefix)
+            for data in blocks(fd):
+                _write_all(out, data)
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            os.unlink(tmp)
+            raise
+        os.close(out)
+        new = os.path.join(path, "new", name)
+        try:
+            os.link(tmp, new)
+        finally:
+            os.unlink(tmp)
+        dfd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        raise _io_failure(exc, f"maildir {path}") from None
+    return f"2.0.0 delivered to maildir {path}"
+
+
+def _dotlock(path: str) -> str | None:
+    """Create ``path.lock`` (Debian policy 11.6); None when the directory does not allow it."""
+    lock = f"{path}.lock"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return lock
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(lock).st_mtime > DOTLOCK_STALE:
+                    os.unlink(lock)
+                    continue
+            except FileNotFoundError:
+                continue
+            if time.monotonic() > deadline:
+                raise TempFail("4.2.0 mailbox is locked") from None
+            time.sleep(0.2)
+        except PermissionError:
+            return None  # no write access to the spool directory: fcntl lock only
+
+
+def mbox(path: str, fd: int, sender: str, prefix: bytes) -> str:
+    """Append to the mbox ``path`` (mboxrd quoting), locked with fcntl and a dotlock.
+
+    On any error the file is truncated back to its old size: nothing half-written.
+    """
+    lock = _dotlock(path)
+    try:
+        try:
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _io_failure(exc, f"mailbox {path}") from None
+        try:
+            fcntl.lockf(out, fcntl.LOCK_EX)
+            start = os.lseek(out, 0, os.SEEK_END)
+            try:
+                date = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime())
+                buf = bytearray(f"From {sender or 'MAILER-DAEMON'} {date}\n".encode())
+                buf += prefix
+                last = b"\n"
+                for line in lines(fd):
+                    if line.lstrip(b">").startswith(b"From "):
+                        buf += b">"
+                    buf += line
+                    last = line
+                    if len(buf) >= BLOCK:
+                        _write_all(out, bytes(buf))
+                        buf.clear()
+                if not last.endswith(b"\n"):
+                    buf += b"\n"
+                buf += b"\n"
+                _write_all(out, bytes(buf))
+                os.fsync(out)
+            except OSError as exc:
+                os.ftruncate(out, start)
+                raise _io_failure(exc, f"mailbox {path}") from None
+            except BaseException:
+                os.ftruncate(out, start)
+                raise
+        finally:
+            os.close(out)
+    finally:
+        if lock:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+    return f"2.0.0 delivered to mailbox {path}"
+
+
+# sysexits that mean "do not try again" (as qmail-local and Postfix's local treat them)
+_PERMANENT_EXITS = {64, 65, 67, 68, 69, 70, 76, 77, 78, 100}
+
+
+def pipe(command: str, fd: int, prefix: bytes, env: dict[str, str]) -> str:
+    """Run ``/bin/sh -c command`` with the message on its standard input."""
+    try:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=env.get("HOME", "/"),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise TempFail(f"4.3.0 cannot run command: {os.strerror(exc.errno or 0)}") from None
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(prefix)
+        for data in blocks(fd):
+            proc.stdin.write(data)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the command did not want all of it; its exit status decides
+    try:
+        _out, err = proc.communicate(timeout=PIPE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise TempFail("4.3.0 command timed out") from None
+    text = " ".join(err.decode("utf-8", "replace").split())[:200]
+    if proc.returncode == 0:
+        return "2.0.0 delivered to command"
+    if proc.returncode in _PERMANENT_EXITS:
+        raise PermFail(f"5.3.0 command failed with status {proc.returncode}: {text}")
+    raise TempFail(f"4.3.0 command failed with status {proc.returncode}: {text}")

@@ -1,0 +1,361 @@
+"""mailgrave-local: delivers to local mailboxes, as the recipient, never as root.
+
+By hand: ``mailgrave-local --sender S --qid Q RCPT... < message``.  As a
+service it serves local.ctrl (docs/flow.md): requests carry the spool's
+message as a file descriptor.  A warm parent accepts connections and forks
+one worker per connection; the worker forks one child per destination, which
+switches to the recipient's uid before it opens anything of theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import logging
+import os
+import pwd
+import select
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+from mailgrave import config as configmod
+from mailgrave import log as logmod
+from mailgrave.config import Config
+from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, DeliveryError, PermFail, TempFail
+from mailgrave.local import mailbox
+from mailgrave.local.routing import Router, Target
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20
+
+
+def _prefix(sender: str, rcpt: str) -> bytes:
+    return f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n".encode("utf-8", "surrogateescape")
+
+
+def _become(user: str, extra_groups: tuple[int, ...] = ()) -> pwd.struct_passwd:
+    """Switch to ``user`` for good (as root), or check we already are them."""
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise TempFail(f"4.3.0 delivery user {user} does not exist") from None
+    if os.getuid() == 0:
+        if pw.pw_uid == 0:
+            raise PermFail("5.7.0 refusing to deliver as root")
+        os.setgroups(sorted({*os.getgrouplist(pw.pw_name, pw.pw_gid), *extra_groups}))
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    else:
+        # A developer's `mailgrave run`: everything runs as that user.
+        pw = pwd.getpwuid(os.getuid())
+    return pw
+
+
+def _mail_gid() -> tuple[int, ...]:
+    import grp
+
+    try:
+        return (grp.getgrnam("mail").gr_gid,)
+    except KeyError:
+        return ()
+
+
+def _forward(config: Config, fd: int, sender: str, rcpt: str, addresses: list[str]) -> str:
+    from mailgrave.envelope import Envelope
+    from mailgrave.queueclient import QueueClient
+
+    qc = QueueClient(config.socket_path("queue.ctrl"), {}, Envelope(sender, tuple(addresses)))
+    try:
+        qc.write(f"Delivered-To: {rcpt}\n".encode("utf-8", "surrogateescape"))
+        for data in mailbox.blocks(fd):
+            qc.write(data)
+    except BaseException:
+        qc.abort()
+        raise
+    qid = qc.commit()
+    return f"2.0.0 forwarded to {', '.join(addresses)} as {qid}"
+
+
+def _read_forward(pw: pwd.struct_passwd) -> list[str] | None:
+    """The user's ~/.forward items, read as the user; None when there is none."""
+    from mailgrave.local.routing import parse_alias_items
+
+    try:
+        with open(os.path.join(pw.pw_dir, ".forward"), encoding="utf-8", errors="replace") as f:
+            text = " ".join(line for line in f if not line.lstrip().startswith("#"))
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return None
+    except OSError:
+        raise TempFail("4.3.0 cannot read .forward") from None
+    items = parse_alias_items(text.replace("\n", ","))
+    return items or None
+
+
+def deliver_target(
+    config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str
+) -> str:
+    """In a child process: become the target's user, then deliver. Returns the result text."""
+    prefix = _prefix(sender, rcpt)
+    extra = _mail_gid() if target.kind in ("mbox", "user") else ()
+    pw = _become(target.user, extra)
+    env = {
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "SHELL": "/bin/sh",
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "SENDER": sender,
+        "RECIPIENT": rcpt,
+        "LOCAL": rcpt.rpartition("@")[0],
+        "DOMAIN": rcpt.rpartition("@")[2],
+        "EXTENSION": target.extension,
+        "MAILGRAVE_QID": qid,
+    }
+    if target.kind == "maildir":
+        return mailbox.maildir(target.value, fd, prefix)
+    if target.kind in ("mbox", "file"):
+        return mailbox.mbox(target.value, fd, sender, prefix)
+    if target.kind == "pipe":
+        return mailbox.pipe(target.value, fd, prefix, env)
+    if target.kind == "forward":
+        return _forward(config, fd, sender, rcpt, [target.value])
+    # A system user: ~/.forward (read as them), else their mailbox.
+    if config.local.forward:
+        items = _read_forward(pw)
+        if items:
+            results = []
+            forwards = []
+            for item in items:
+                if item.startswith("|"):
+                    results.append(mailbox.pipe(item[1:].strip(), fd, prefix, env))
+                elif item.startswith("/"):
+                    results.append(mailbox.mbox(item, fd, sender, prefix))
+                elif item.lstrip("\\") == pw.pw_name:
+                    results.append(_own_mailbox(config, pw, fd, sender, prefix))
+                else:
+                    forwards.append(item if "@" in item else f"{item}@{config.hostname}")
+            if forwards:
+                results.append(_forward(config, fd, sender, rcpt, forwards))
+            return "; ".join(results)
+    return _own_mailbox(config, pw, fd, sender, prefix)
+
+
+def _own_mailbox(config: Config, pw: pwd.struct_passwd, fd: int, sender: str, prefix: bytes) -> str:
+    if config.local.mailbox == "mbox":
+        return mailbox.mbox(os.path.join(config.local.mbox_dir, pw.pw_name), fd, sender, prefix)
+    return mailbox.maildir(os.path.join(pw.pw_dir, config.local.maildir), fd, prefix)
+
+
+def _run_child(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
+    """Fork, deliver in the child, and return its one-line result (K/Z/D + text)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 0
+        try:
+            text = "K" + deliver_target(config, target, fd, sender, rcpt, qid)
+        except DeliveryError as exc:
+            text = exc.code + exc.text
+        except Exception:
+            log.exception("%s: delivery to %s failed unexpectedly", qid, rcpt)
+            text = "Z4.3.0 internal error in local delivery"
+        try:
+            os.write(w, " ".join(text.split()).encode("utf-8", "replace")[:2000] + b"\n")
+        except OSError:
+            code = 1
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    with os.fdopen(r, "rb") as f:
+        while data := f.read(4096):
+            chunks.append(data)
+    os.waitpid(pid, 0)
+    line = b"".join(chunks).decode("utf-8", "replace").strip()
+    return line or "Z4.3.0 delivery process died"
+
+
+def deliver(config: Config, router: Router, fd: int, sender: str, rcpt: str, qid: str) -> str:
+    """Deliver one recipient: resolve, check for a loop, then each target. K/Z/D line."""
+    try:
+        if mailbox.has_delivered_to(fd, rcpt):
+            raise PermFail("5.4.6 mail loop: message already delivered to this address")
+        targets = router.resolve(rcpt)
+    except DeliveryError as exc:
+        return exc.code + exc.text
+    except OSError:
+        return "Z4.3.0 cannot read the message"
+    results = [_run_child(config, t, fd, sender, rcpt, qid) for t in targets]
+    for code in ("Z", "D"):  # any temporary failure means: try the whole recipient again
+        failed = [r for r in results if r.startswith(code)]
+        if failed:
+            return failed[0]
+    return "K" + "; ".join(r[1:] for r in results)
+
+
+# --- local.ctrl -----------------------------------------------------------------
+
+
+def _recv_request(sock: socket.socket) -> tuple[bytes, int] | None:
+    """One request (text0 fields) and its file descriptor; None at end of connection."""
+    fds = array.array("i")
+    data = bytearray()
+    fd = -1
+    while not data.endswith(b"\0\0") or len(data) < 2:
+        msg, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(4 * fds.itemsize))
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[: len(payload) - (len(payload) % got.itemsize)])
+                for extra in got[1:]:
+                    os.close(extra)
+                if fd < 0 and got:
+                    fd = got[0]
+                else:
+                    for extra in got[:1]:
+                        os.close(extra)
+        if not msg:
+            if fd >= 0:
+                os.close(fd)
+            return None
+        data += msg
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too large")
+    return bytes(data), fd
+
+
+def serve_connection(config: Config, sock: socket.socket) -> None:
+    router = Router(config)
+    out = sock.makefile("wb")
+    while True:
+        req = _recv_request(sock)
+        if req is None:
+            return
+        data, fd = req
+        fields = data[:-1].split(b"\0")[:-1]
+        texts = [f.decode("utf-8", "surrogateescape") for f in fields]
+        qid = next((t[1:] for t in texts if t.startswith("Q")), "-")
+        sender = next((t[1:] for t in texts if t.startswith("F")), "")
+        rcpts = [t[1:] for t in texts if t.startswith("T")]
+        try:
+            for rcpt in rcpts:
+                if fd < 0:
+                    line = "Z4.3.0 no message file in the request"
+                else:
+                    line = deliver(config, router, fd, sender, rcpt, qid)
+                out.write(line.encode("utf-8", "surrogateescape") + b"\n")
+                out.flush()
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def serve(config: Config, listeners: list[socket.socket], idle_exit: float) -> int:
+    """Warm parent: accept, fork a worker per connection, reap, exit when idle."""
+    workers: set[int] = set()
+    last = time.monotonic()
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        try:
+            ready, _, _ = select.select(listeners, [], [], 1.0)
+        except InterruptedError:
+            ready = []
+        for listener in ready:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            pid = os.fork()
+            if pid == 0:
+                for s in listeners:
+                    s.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                try:
+                    serve_connection(config, conn)
+                except (BrokenPipeError, ConnectionResetError):
+                    log.info("mailgrave-send went away before reading every result")
+                except Exception:
+                    log.exception("local.ctrl connection failed")
+                os._exit(0)
+            conn.close()
+            workers.add(pid)
+            last = time.monotonic()
+        while workers:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                workers.clear()
+                break
+            if pid == 0:
+                break
+            workers.discard(pid)
+            last = time.monotonic()
+        if not workers and idle_exit > 0 and time.monotonic() - last >= idle_exit:
+            return EXIT_OK
+
+
+def by_hand(config: Config, sender: str, qid: str, rcpts: list[str]) -> int:
+    """Message on standard input (copied to a temp file if it is a pipe)."""
+    fd = 0
+    try:
+        os.lseek(0, 0, os.SEEK_CUR)
+    except OSError:
+        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the process exits
+        while data := sys.stdin.buffer.read(1 << 16):
+            tmp.write(data)
+        tmp.flush()
+        fd = tmp.fileno()
+    router = Router(config)
+    codes = []
+    for rcpt in rcpts:
+        line = deliver(config, router, fd, sender, rcpt, qid)
+        print(line, flush=True)
+        codes.append(line[:1])
+    if all(c == "K" for c in codes):
+        return EXIT_OK
+    if all(c in ("K", "D") for c in codes):
+        return EXIT_PERM
+    return EXIT_TEMP
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mailgrave-local",
+        description="Deliver to local mailboxes as the recipient. By hand: message on "
+        "standard input, one K/Z/D result line per recipient. As a service: local.ctrl "
+        "sockets from LISTEN_FDS, or the connection on standard input.",
+    )
+    parser.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    parser.add_argument("--sender", default="", help="envelope sender (by hand)")
+    parser.add_argument("--qid", default="-", help="queue id for the logs (by hand)")
+    parser.add_argument("--debug", action="store_true", help="log debugging detail")
+    parser.add_argument("recipients", nargs="*", metavar="RCPT")
+    args = parser.parse_args(argv)
+    logmod.setup("local", args.debug)
+    try:
+        config = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mailgrave-local: {problem}", file=sys.stderr)
+        return EXIT_TEMP
+    if args.recipients:
+        return by_hand(config, args.sender, args.qid, args.recipients)
+    from mailgrave.sd import listen_fds, stdin_socket
+
+    listeners = listen_fds()
+    if listeners:
+        return serve(config, listeners, config.queue.idle_exit)
+    conn = stdin_socket()
+    if conn is not None:
+        serve_connection(config, conn)
+        return EXIT_OK
+    parser.error("name recipients, or run under systemd with local.ctrl")
+    return EXIT_TEMP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The whole chain under `mailgrave run`: sendmail → queue → send → local → Maildir."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Instance, Processes, wait_for
+
+
+def delivered(inst: Instance, user: str) -> list[email.message.EmailMessage]:
+    out = []
+    for raw in inst.messages(user):
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)
+        out.append(msg)
+    return out
+
+
+def test_sendmail_to_virtual_maildir(instance: Instance, processes: Processes) -> None:
+    instance.start(processes)
+    res = instance.sendmail("alice@example.org", data=b"Subject: hi\n\nhello\n")
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: delivered(instance, "alice"))
+    [msg] = delivered(instance, "alice")
+    assert msg["Subject"] == "hi"
+    assert msg["Delivered-To"] == "alice@example.org"
+    assert msg["Return-Path"] and msg["Received"]
+    assert msg.get_content() == "hello\n"
+    wait_for(lambda: instance.spool_entries() == [])
+
+
+def test_remote_recipient_stays_queued_and_is_listed(tmp_path: Path, processes: Processes) -> None:
+    inst = Instance(tmp_path)
+    inst.start(processes)
+    res = inst.sendmail("alice@example.org", "someone@elsewhere.test", data=b"Subject: two\n\nx\n")
+    assert res.returncode == 0
+    wait_for(lambda: delivered(inst, "alice"))
+    # The remote recipient is kept (deferred), never dropped.
+    wait_for(lambda: any(e.startswith("info/") for e in inst.spool_entries()))
+    listing = inst.run("mailgrave", "queue").stdout.decode()
+    assert "<someone@elsewhere.test> pending" in listing
+    assert "<alice@example.org> delivered" in listing
+    assert "<someone@elsewhere.test> pending" in inst.run("sendmail", "-bp").stdout.decode()
+
+
+def test_unknown_local_user_bounces_to_sender(instance: Instance, processes: Processes) -> None:
+    instance.start(processes)
+    res = instance.sendmail(
+        "-f", "alice@example.org", "nosuchuser@example.org", data=b"Subject: lost\n\nx\n"
+    )
+    assert res.returncode == 0
+    wait_for(lambda: delivered(instance, "alice"), timeout=20)
+    [bounce] = delivered(instance, "alice")
+    assert bounce.get_content_type() == "multipart/report"
+    assert bounce["Return-Path"] == "<>"
+    report = list(bounce.iter_parts())[1].get_payload()
+    assert report[1]["Final-Recipient"] == "rfc822; nosuchuser@example.org"
+    assert report[1]["Action"] == "failed"
+    assert report[1]["Status"].startswith("5.")
+    wait_for(lambda: instance.spool_entries() == [])
+
+
+@pytest.mark.slow
+def test_thousand_parallel_injections_each_delivered_once(
+    instance: Instance, processes: Processes
+) -> None:
+    instance.start(processes)
+    n = 1000
+
+    def inject(i: int) -> int:
+        return instance.sendmail(
+            "bob@example.org", data=f"Subject: msg {i}\n\nbody {i}\n".encode()
+        ).returncode
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        codes = list(pool.map(inject, range(n)))
+    assert codes == [0] * n
+    wait_for(lambda: len(instance.messages("bob")) >= n, timeout=180, interval=0.5)
+    wait_for(lambda: instance.spool_entries() == [], timeout=60)
+    subjects = sorted(m["Subject"] for m in delivered(instance, "bob"))
+    assert subjects == sorted(f"msg {i}" for i in range(n))  # each exactly once
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append((int(entry), cmd))
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_queue_and_send_loses_no_acknowledged_message(
+    tmp_path: Path, processes: Processes
+) -> None:
+    # Deliveries refused while a stage was down are retried within a second.
+    instance = Instance(tmp_path, queue={"retry": ["1s"]})
+    sup = instance.start(processes)
+    stop = threading.Event()
+    kills = {"queue": 0, "send": 0}
+
+    def killer() -> None:
+        rng = random.Random(1)
+        while not stop.is_set():
+            time.sleep(rng.uniform(0.05, 0.3))
+            for pid, cmd in _children(sup.pid):
+                for name in kills:
+                    if f"mailgrave.programs.{name} " in cmd + " " and rng.random() < 0.5:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                            kills[name] += 1
+                        except ProcessLookupError:
+                            pass
+
+    t = threading.Thread(target=killer)
+    t.start()
+    acknowledged = []
+
+    def inject(i: int) -> None:
+        body = f"Subject: crash {i}\n\n" + f"line {i}\n" * 2000 + "END\n"
+        if instance.sendmail("alice@example.org", data=body.encode()).returncode == 0:
+            acknowledged.append(i)
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(inject, range(200)))
+    finally:
+        stop.set()
+        t.join()
+    assert kills["queue"] + kills["send"] > 0
+    assert len(acknowledged) > 50
+
+    def all_there() -> bool:
+        got = {m["Subject"] for m in delivered(instance, "alice")}
+        return all(f"crash {i}" in got for i in acknowledged)
+
+    wait_for(all_there, timeout=120, interval=0.5)
+    for msg in delivered(instance, "alice"):
+        # Never half-visible: every delivered message is complete.
+        assert msg.get_content().endswith("END\n")
