@@ -191,17 +191,21 @@ _PERMANENT_EXITS = {64, 65, 67, 68, 69, 70, 76, 77, 78, 100}
 
 def pipe(command: str, fd: int, prefix: bytes, env: dict[str, str]) -> str:
     """Run ``/bin/sh -c command`` with the message on its standard input."""
+    import tempfile
+
+    errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
     try:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", command],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=errors,
             env=env,
-            cwd=env.get("HOME", "/"),
+            cwd=env["HOME"] if os.path.isdir(env.get("HOME", "")) else "/",
             start_new_session=True,
         )
     except OSError as exc:
+        errors.close()
         raise TempFail(f"4.3.0 cannot run command: {os.strerror(exc.errno or 0)}") from None
     assert proc.stdin is not None
     try:
@@ -212,12 +216,14 @@ def pipe(command: str, fd: int, prefix: bytes, env: dict[str, str]) -> str:
     except BrokenPipeError:
         pass  # the command did not want all of it; its exit status decides
     try:
-        _out, err = proc.communicate(timeout=PIPE_TIMEOUT)
+        proc.wait(timeout=PIPE_TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.wait()
         raise TempFail("4.3.0 command timed out") from None
-    text = " ".join(err.decode("utf-8", "replace").split())[:200]
+    errors.seek(0)
+    text = " ".join(errors.read(4096).decode("utf-8", "replace").split())[:200]
+    errors.close()
     if proc.returncode == 0:
         return "2.0.0 delivered to command"
     if proc.returncode in _PERMANENT_EXITS:
