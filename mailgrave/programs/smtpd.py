@@ -1,0 +1,445 @@
+"""mailgrave-smtpd: the SMTP listener; drives mailgrave.smtp.server over one connection.
+
+Modes: inetd (the connection on stdin/stdout, systemd ``Accept=yes``);
+``LISTEN_FDS`` (systemd ``Accept=no`` or ``mailgrave run``: a warm parent
+accepts and forks one child per connection); ``--bind ADDR --port N`` (the
+same as ``LISTEN_FDS``, with a socket of its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mailgrave import config as configmod
+from mailgrave import maillog
+from mailgrave.errors import EXIT_OK, EXIT_TEMP, PermFail, TempFail
+from mailgrave.smtp import replies as R
+from mailgrave.smtp import server as S
+
+if TYPE_CHECKING:
+    from mailgrave.queueclient import QueueClient
+
+log = logging.getLogger(__name__)
+
+GREET_PAUSE = 0.2  # seconds a client must stay quiet before the greeting
+READ_SIZE = 64 * 1024
+REAP_INTERVAL = 0.5
+
+
+@dataclass
+class ConfigPolicy:
+    """The server's policy from mailgrave.yaml for one client address."""
+
+    config: configmod.Config
+    client_ip: str
+    hostname: str = ""
+    max_message_size: int = 0
+    max_recipients: int = 0
+    max_errors: int = 0
+    tls_available: bool = False
+
+    def __post_init__(self) -> None:
+        smtpd = self.config.smtpd
+        self.hostname = self.config.hostname
+        self.max_message_size = smtpd.max_message_size
+        self.max_recipients = smtpd.max_recipients
+        self.max_errors = smtpd.max_errors
+        self.tls_available = bool(smtpd.tls.certificate and smtpd.tls.key)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return self.config.is_local_domain(domain)
+
+    def recipient_exists(self, local: str, domain: str) -> bool:
+        try:
+            from mailgrave.local.routing import recipient_exists
+        except ImportError:  # pragma: no cover - the local stage is not installed
+            return local.lower() == "postmaster" or f"{local}@{domain}" in self.config.local.virtual
+        return recipient_exists(self.config, local, domain)
+
+    def may_relay(self) -> bool:
+        return self.config.may_relay(self.client_ip)
+
+
+class Channel:
+    """The connection: a socket (possibly TLS-wrapped) or a pair of pipes."""
+
+    def __init__(self, sock: socket.socket | None, timeout: float) -> None:
+        self.sock: Any = sock
+        self.timeout = timeout or None
+
+    def readable(self, wait: float) -> bool:
+        if self.sock is not None and getattr(self.sock, "pending", lambda: 0)():
+            return True
+        fd = self.sock.fileno() if self.sock is not None else 0
+        ready, _, _ = select.select([fd], [], [], wait)
+        return bool(ready)
+
+    def recv(self) -> bytes:
+        """Bytes from the client; b"" at EOF; TimeoutError when idle too long."""
+        if self.sock is None:
+            if self.timeout is not None and not self.readable(self.timeout):
+                raise TimeoutError
+            return os.read(0, READ_SIZE)
+        self.sock.settimeout(self.timeout)
+        try:
+            return bytes(self.sock.recv(READ_SIZE))
+        except TimeoutError as exc:
+            raise TimeoutError from exc
+
+    def send(self, data: bytes) -> None:
+        if self.sock is None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(1, view) :]
+        else:
+            self.sock.sendall(data)
+
+    def start_tls(self, certificate: str, key: str) -> None:
+        import ssl
+
+        if self.sock is None:
+            raise OSError("TLS needs a socket")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certificate, key)
+        self.sock.settimeout(self.timeout)
+        self.sock = ctx.wrap_socket(self.sock, server_side=True)
+
+    def tls_info(self) -> str:
+        try:
+            return f"{self.sock.version()} {self.sock.cipher()[0]}"
+        except Exception:
+            return "TLS"
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+def _client_ip(sock: socket.socket | None) -> str:
+    if sock is not None:
+        try:
+            peer = sock.getpeername()
+            if isinstance(peer, tuple) and peer:
+                return _plain_ip(str(peer[0]))
+        except OSError:
+            pass
+    for var in ("REMOTE_ADDR", "TCPREMOTEIP"):
+        if os.environ.get(var):
+            return _plain_ip(os.environ[var])
+    return "unknown"
+
+
+def _plain_ip(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+class Session:
+    """One connection: reads, feeds the protocol core, carries out its events."""
+
+    def __init__(self, config: configmod.Config, channel: Channel, client_ip: str) -> None:
+        self.config = config
+        self.channel = channel
+        self.client_ip = client_ip
+        self.server = S.Server(ConfigPolicy(config, client_ip))
+        self.queue: QueueClient | None = None
+        self.queue_error: R.Reply | None = None
+        self.current: S.MessageStart | None = None
+        self.closed = False
+        self.rejections = 0
+
+    def run(self) -> None:
+        log.info("connect from [%s]", self.client_ip)
+        try:
+            self._run()
+        except (OSError, TimeoutError) as exc:
+            log.info("connection with [%s] lost: %s", self.client_ip, type(exc).__name__)
+        finally:
+            self._abort_queue()
+            self.channel.close()
+            log.info(
+                "disconnect from [%s] messages=%d errors=%d",
+                self.client_ip,
+                self.server.messages,
+                self.server.errors,
+            )
+
+    def _run(self) -> None:
+        if self.channel.readable(GREET_PAUSE):
+            maillog.rejected("connect", f"[{self.client_ip}]", "talked before the greeting")
+            self.channel.send(R.EARLY_TALKER.encode())
+            return
+        self.channel.send(self.server.greeting())
+        while not self.closed:
+            try:
+                data = self.channel.recv()
+            except TimeoutError:
+                self._handle(self.server.timeout())
+                return
+            self._handle(self.server.receive_data(data))
+
+    def _handle(self, events: list[S.Event]) -> None:
+        pending = bytearray()
+
+        def flush() -> None:
+            if pending:
+                self.channel.send(bytes(pending))
+                pending.clear()
+
+        queue = list(events)
+        while queue:
+            ev = queue.pop(0)
+            if isinstance(ev, S.Output):
+                pending += ev.data
+            elif isinstance(ev, S.MessageStart):
+                self._open_queue(ev)
+            elif isinstance(ev, S.MessageData):
+                self._write_queue(ev.data)
+            elif isinstance(ev, S.MessageComplete):
+                flush()
+                queue[:0] = self._commit(ev.size)
+            elif isinstance(ev, S.MessageAborted):
+                self._abort_queue()
+            elif isinstance(ev, S.Rejected):
+                self.rejections += 1
+                maillog.rejected(ev.stage, f"[{self.client_ip}]", ev.reason)
+            elif isinstance(ev, S.StartTLS):
+                flush()
+                self._start_tls()
+                queue[:0] = self.server.tls_started()
+            elif isinstance(ev, S.Close):
+                flush()
+                log.info("closing [%s]: %s", self.client_ip, ev.reason)
+                self.closed = True
+                return
+        flush()
+
+    def _start_tls(self) -> None:
+        tls = self.config.smtpd.tls
+        try:
+            self.channel.start_tls(tls.certificate, tls.key)
+        except OSError as exc:
+            log.info("TLS handshake with [%s] failed: %s", self.client_ip, type(exc).__name__)
+            self.closed = True
+            raise
+        log.info("TLS with [%s]: %s", self.client_ip, self.channel.tls_info())
+
+    def _open_queue(self, ev: S.MessageStart) -> None:
+        from mailgrave.envelope import Envelope
+        from mailgrave.queueclient import QueueClient
+
+        self.current, self.queue, self.queue_error = ev, None, None
+        attrs = {"proto": ev.proto, "helo": ev.helo, "addr": self.client_ip}
+        attrs = {k: v.replace("\0", "").replace("\n", "") for k, v in attrs.items()}
+        try:
+            self.queue = QueueClient(
+                self.config.socket_path("queue.ctrl"),
+                attrs=attrs,
+                envelope=Envelope(ev.sender, ev.recipients),
+            )
+        except (TempFail, OSError, ValueError) as exc:
+            log.warning("cannot submit to the queue: %s", exc)
+            self.queue_error = R.QUEUE_TEMPFAIL
+
+    def _write_queue(self, data: bytes) -> None:
+        if self.queue is None:
+            return
+        try:
+            self.queue.write(data)
+        except OSError as exc:
+            log.warning("queue connection failed: %s", type(exc).__name__)
+            self._abort_queue()
+            self.queue_error = R.QUEUE_TEMPFAIL
+
+    def _commit(self, size: int) -> list[S.Event]:
+        qc, self.queue = self.queue, None
+        if qc is None:
+            return self.server.message_failed(self.queue_error or R.QUEUE_TEMPFAIL)
+        try:
+            qid = qc.commit()
+        except TempFail as exc:
+            log.warning("queue refused the message temporarily: %s", exc.text)
+            return self.server.message_failed(R.QUEUE_TEMPFAIL)
+        except PermFail as exc:
+            log.warning("queue refused the message: %s", exc.text)
+            return self.server.message_failed(R.Reply(554, "5.3.0", "Message refused"))
+        except OSError as exc:
+            log.warning("queue connection failed: %s", type(exc).__name__)
+            return self.server.message_failed(R.QUEUE_TEMPFAIL)
+        ev = self.current
+        if ev is not None:
+            maillog.queued(qid, ev.sender, ev.recipients, size, f"smtp [{self.client_ip}]")
+        return self.server.message_queued(qid)
+
+    def _abort_queue(self) -> None:
+        if self.queue is not None:
+            self.queue.abort()
+            self.queue = None
+
+
+def serve_connection(config: configmod.Config, sock: socket.socket | None) -> None:
+    """Run one SMTP session on ``sock`` (or on fds 0/1 when None)."""
+    channel = Channel(sock, config.smtpd.timeout)
+    Session(config, channel, _client_ip(sock)).run()
+
+
+class Listener:
+    """The warm parent: accept, fork a child per connection, reap, enforce limits."""
+
+    def __init__(self, config: configmod.Config, sockets: list[socket.socket]) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.children: dict[int, str] = {}
+        self.stopping = False
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        for sock in self.sockets:
+            sock.setblocking(False)
+        idle_exit = self.config.smtpd.idle_exit
+        last_activity = time.monotonic()
+        while not self.stopping:
+            self.reap()
+            if self.children:
+                last_activity = time.monotonic()
+            elif idle_exit and time.monotonic() - last_activity >= idle_exit:
+                log.info("no connection for %gs, exiting", idle_exit)
+                break
+            try:
+                ready, _, _ = select.select(self.sockets, [], [], REAP_INTERVAL)
+            except InterruptedError:
+                continue
+            for sock in ready:
+                self.accept(sock)
+                last_activity = time.monotonic()
+        self.reap()
+        return EXIT_OK
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.pop(pid, None)
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            conn, addr = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        conn.setblocking(True)
+        ip = _plain_ip(str(addr[0])) if isinstance(addr, tuple) and addr else "unknown"
+        smtpd = self.config.smtpd
+        per_client = sum(1 for c in self.children.values() if c == ip)
+        if (smtpd.max_connections and len(self.children) >= smtpd.max_connections) or (
+            smtpd.max_connections_per_client and per_client >= smtpd.max_connections_per_client
+        ):
+            maillog.rejected("connect", f"[{ip}]", "too many connections")
+            try:
+                conn.settimeout(1.0)
+                conn.sendall(R.TOO_MANY_CONNECTIONS.encode())
+            except OSError:
+                pass
+            conn.close()
+            return
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                for sock in self.sockets:
+                    sock.close()
+                serve_connection(self.config, conn)
+            except BaseException:
+                log.exception("session failed")
+                code = EXIT_TEMP
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = ip
+        conn.close()
+
+
+def _bind(addr: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr.strip("[]"), port))
+    sock.listen(128)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mailgrave-smtpd",
+        description="MailGrave's SMTP server. With no listening socket (LISTEN_FDS) and no "
+        "--bind/--port, serves one connection on stdin/stdout (inetd style).",
+    )
+    parser.add_argument("--config", metavar="PATH", help="configuration file")
+    parser.add_argument("--bind", metavar="ADDR", help="listen on ADDR (with --port)")
+    parser.add_argument("--port", metavar="N", type=int, help="listen on TCP port N")
+    parser.add_argument("--debug", action="store_true", help="log debugging details")
+    args = parser.parse_args(argv)
+    try:
+        config = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_TEMP
+    from mailgrave import log as logsetup
+
+    logsetup.setup("smtpd", debug=args.debug)
+    if args.bind or args.port is not None:
+        try:
+            sockets = [_bind(args.bind or "127.0.0.1", args.port or 25)]
+        except OSError as exc:
+            print(f"mailgrave-smtpd: cannot listen: {exc.strerror}", file=sys.stderr)
+            return EXIT_TEMP
+        return Listener(config, sockets).run()
+    from mailgrave import sd
+
+    listeners = sd.listen_fds()
+    if listeners:
+        return Listener(config, listeners).run()
+    sock = sd.stdin_socket()
+    try:
+        serve_connection(config, sock)
+    except Exception:
+        log.exception("session failed")
+        return EXIT_TEMP
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

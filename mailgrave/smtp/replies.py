@@ -1,0 +1,71 @@
+"""SMTP replies: code, enhanced status code (RFC 3463) and text; RFC 5321 §4.2.1 format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply; ``lines`` holds more text lines for a multi-line reply."""
+
+    code: int
+    enhanced: str
+    text: str
+    lines: tuple[str, ...] = ()
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+    def encode(self) -> bytes:
+        """``250-first`` ... ``250 last``, each ending CRLF; the enhanced code on every line."""
+        texts = (self.text, *self.lines)
+        out = []
+        for i, text in enumerate(texts):
+            sep = " " if i == len(texts) - 1 else "-"
+            body = f"{self.enhanced} {text}" if self.enhanced else text
+            out.append(f"{self.code}{sep}{body}\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+
+OK = Reply(250, "2.0.0", "Ok")
+BYE = Reply(221, "2.0.0", "Bye")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized")
+EMPTY_COMMAND = Reply(500, "5.5.2", "Empty command")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BARE_LF_COMMAND = Reply(500, "5.5.2", "Command lines must end with CRLF")
+NOT_UTF8 = Reply(500, "5.5.2", "Invalid UTF-8 in command")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL before RCPT")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT before DATA")
+SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+BAD_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+TLS_UNAVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
+TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
+
+NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
+RELAY_DENIED = Reply(554, "5.7.1", "Relaying denied")
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Address needs SMTPUTF8")
+TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+BARE_LF_DATA = Reply(554, "5.6.0", "Message refused: bare LF or CR (only CRLF line ends)")
+NUL_DATA = Reply(554, "5.6.0", "Message refused: NUL character")
+DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message refused: line longer than 1000 octets")
+QUEUE_TEMPFAIL = Reply(451, "4.3.0", "Temporary failure, try again later")
+
+TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: talking before the greeting")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
