@@ -14,6 +14,7 @@ DEB_PKGS := python3-yaml python3-systemd python3-dnspython python3-idna python3-
 	swaks s-nail mutt dnsmasq-base openssl procps iproute2 passwd \
 	systemd
 RUN_PORT ?= 2525
+LINT_DIRS := mailgrave tests $(wildcard bench)
 
 .PHONY: all deps venv run test lint unit integration check-config clean bench \
 	pkg-deps deb system-test
@@ -43,8 +44,8 @@ run: venv
 	$(BIN)/python -m mailgrave.devrun --port $(RUN_PORT)
 
 lint: venv
-	$(BIN)/ruff check mailgrave tests bench
-	$(BIN)/ruff format --check mailgrave tests bench
+	$(BIN)/ruff check $(LINT_DIRS)
+	$(BIN)/ruff format --check $(LINT_DIRS)
 	$(BIN)/mypy
 
 unit: venv
