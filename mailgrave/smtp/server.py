@@ -303,10 +303,10 @@ class Server:
         if self.state in (State.CLOSED, State.TLS):
             return []  # anything pipelined after STARTTLS is discarded
         if not data:
-            self.state = State.CLOSED
             closed: list[Event] = []
             if self._data_started():
                 closed.append(MessageAborted(Reply(451, "4.3.0", "Connection lost during DATA")))
+            self.state = State.CLOSED
             closed.append(Close("client closed the connection"))
             return closed
         self._buf += data
@@ -543,7 +543,11 @@ class Server:
             if params_text:
                 return R.BAD_PARAM
             if inner.lower() == "postmaster":
-                path = Path("postmaster", address.to_ascii_domain(self.policy.hostname), False)
+                # RFC 5321 §4.5.1: always accepted, whatever the policy says.
+                domain = address.to_ascii_domain(self.policy.hostname)
+                if len(self.recipients) >= self.policy.max_recipients:
+                    return R.TOO_MANY_RCPTS
+                return self._add_rcpt(Path("postmaster", domain, False))
             else:
                 path = parse_path(inner, self.utf8)
         except (PathError, address.AddressError) as exc:
