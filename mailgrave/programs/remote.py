@@ -1,0 +1,346 @@
+"""mailgrave-remote: the SMTP client stage — routes, MX, smarthost with AUTH, STARTTLS.
+
+By hand: ``mailgrave-remote --sender S [--host H[:PORT]] RCPT... < message``
+(or the prototype's ``--relay H --port N --login L`` with SMTP_AUTH_PASSWORD).
+As a service it serves remote.ctrl (docs/flow.md): requests carry the spool's
+message as a file descriptor; every recipient of a request shares one domain.
+Connections are kept open for a while and reused for the next message to the
+same destination.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from mailgrave import config as configmod
+from mailgrave import log as logmod
+from mailgrave.config import Config
+from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, DeliveryError
+from mailgrave.route import Hop, hops, smarthost_password
+from mailgrave.smtp.client import Client, SMTPError, Timeouts, wire_format
+
+if TYPE_CHECKING:
+    import ssl
+
+log = logging.getLogger(__name__)
+
+CACHE_IDLE = 10.0
+CACHE_MAX = 20
+Result = tuple[str, str]
+
+
+class Sessions:
+    """Open SMTP sessions by destination, for reuse (one user at a time each)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: dict[tuple[str, int], list[tuple[float, Client]]] = {}
+
+    def take(self, key: tuple[str, int]) -> Client | None:
+        with self.lock:
+            pool = self.idle.get(key, [])
+            while pool:
+                since, client = pool.pop()
+                if time.monotonic() - since < CACHE_IDLE:
+                    return client
+                client.quit()
+        return None
+
+    def give(self, key: tuple[str, int], client: Client) -> None:
+        with self.lock:
+            total = sum(len(p) for p in self.idle.values())
+            if total >= CACHE_MAX:
+                client.quit()
+                return
+            self.idle.setdefault(key, []).append((time.monotonic(), client))
+
+    def expire(self, everything: bool = False) -> None:
+        with self.lock:
+            for pool in self.idle.values():
+                for since, client in list(pool):
+                    if everything or time.monotonic() - since >= CACHE_IDLE:
+                        pool.remove((since, client))
+                        client.quit()
+
+
+class Delivery:
+    """Delivers requests for one configuration (shared by the service's threads)."""
+
+    def __init__(self, config: Config, override: str | None = None, login: str | None = None):
+        self.config = config
+        self.override = override
+        self.login = login if login is not None else config.remote.smarthost.login
+        self.sessions = Sessions()
+        self.timeouts = Timeouts(connect=config.remote.connect_timeout)
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def _context(self, verify: bool) -> ssl.SSLContext:
+        import ssl
+
+        if verify not in self._contexts:
+            if verify:
+                ctx = ssl.create_default_context(cafile=self.config.remote.ca_file or None)
+            else:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._contexts[verify] = ctx
+        return self._contexts[verify]
+
+    def _hops(self, domain: str) -> list[Hop]:
+        if self.override:
+            from mailgrave.route import _split
+
+            host, port, _ = _split(self.override, self.config.remote.port)
+            spec = host if host.startswith("[") else f"[{host}]"
+            cfg = _with_route(self.config, domain, f"{spec}:{port}")
+            return hops(cfg, domain)
+        return hops(self.config, domain)
+
+    def _open(self, hop: Hop, address: str) -> Client:
+        helo = self.config.remote.helo or self.config.hostname
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(self.timeouts.connect)
+        name = f"{hop.host}[{address}]:{hop.port}"
+        try:
+            sock.connect((address, hop.port))
+        except OSError as exc:
+            sock.close()
+            raise SMTPError(
+                f"connect to {name} failed: {exc.strerror or exc}", "connect", False
+            ) from None
+        client = Client(sock, name, self.timeouts)
+        try:
+            client.greet(helo)
+            policy = self.config.remote.tls
+            smart = hop.smarthost or bool(self.override and self.login)
+            if smart and policy != "none":
+                policy = "verify"  # a smarthost's certificate is verified by default
+            offered = "STARTTLS" in client.extensions
+            if policy in ("required", "verify") and not offered:
+                raise SMTPError(
+                    f"{name} does not offer STARTTLS (remote.tls: {policy})", "STARTTLS", False
+                )
+            if offered and policy != "none":
+                verify = policy == "verify"
+                client.starttls(self._context(verify), hop.host if verify else None, helo)
+            if smart and self.login:
+                client.auth(self.login, smarthost_password(self.config))
+        except BaseException:
+            client.quit()
+            raise
+        return client
+
+    def deliver(self, sender: str, rcpts: list[str], fd: int) -> tuple[list[Result], list[str]]:
+        """One message to recipients of one domain: (result per recipient, transcript)."""
+        domain = rcpts[0].rpartition("@")[2]
+        try:
+            destinations = self._hops(domain)
+        except DeliveryError as exc:
+            return [(exc.code, exc.text)] * len(rcpts), []
+        size = os.fstat(fd).st_size
+        needs_utf8 = any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts])
+        transcript: list[str] = []
+        last = "4.4.1 no host could be reached"
+        for hop in destinations:
+            for address in hop.addresses:
+                key = (address, hop.port)
+                for attempt in range(2):
+                    client = self.sessions.take(key) if attempt == 0 else None
+                    fresh = client is None
+                    try:
+                        if client is None:
+                            client = self._open(hop, address)
+                        start = len(client.transcript)
+                        results = client.deliver(
+                            sender, rcpts, wire_format(_blocks(fd)), size, needs_utf8
+                        )
+                    except SMTPError as exc:
+                        if client is not None:
+                            transcript += client.transcript[start if not fresh else 0 :]
+                            client.quit()
+                        if exc.reply is None and not fresh and exc.stage != "DATA":
+                            continue  # a cached session had gone stale: open a new one
+                        if exc.reply is not None or exc.permanent:
+                            code = "D" if exc.permanent else "Z"
+                            return [(code, exc.text)] * len(rcpts), transcript
+                        last = exc.text
+                        break
+                    transcript += client.transcript[start:]
+                    client.transcript.clear()
+                    self.sessions.give(key, client)
+                    return results, transcript
+        return [("Z", last)] * len(rcpts), transcript
+
+
+def _with_route(config: Config, domain: str, spec: str) -> Config:
+    import dataclasses
+
+    from mailgrave.config import _FrozenDict
+
+    remote = dataclasses.replace(config.remote, routes=_FrozenDict({domain: spec}))
+    return dataclasses.replace(config, remote=remote)
+
+
+def _blocks(fd: int) -> Iterator[bytes]:
+    from mailgrave.local.mailbox import blocks
+
+    return blocks(fd)
+
+
+# --- remote.ctrl --------------------------------------------------------------------
+
+
+def serve_connection(delivery: Delivery, sock: socket.socket) -> None:
+    from mailgrave.programs.local import _recv_request
+
+    out = sock.makefile("wb")
+    while True:
+        req = _recv_request(sock)
+        if req is None:
+            return
+        data, fd = req
+        texts = [f.decode("utf-8", "surrogateescape") for f in data[:-1].split(b"\0")[:-1]]
+        qid = next((t[1:] for t in texts if t.startswith("Q")), "-")
+        sender = next((t[1:] for t in texts if t.startswith("F")), "")
+        rcpts = [t[1:] for t in texts if t.startswith("T")]
+        try:
+            if fd < 0:
+                results: list[Result] = [("Z", "4.3.0 no message file in the request")] * len(rcpts)
+                transcript: list[str] = []
+            else:
+                results, transcript = delivery.deliver(sender, rcpts, fd)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if any(code != "K" for code, _ in results) and transcript:
+            log.info("%s: transcript: %s", qid, " | ".join(transcript)[:2000])
+        lines = [f"|{t}" for t in transcript[-50:]]
+        lines += [f"{code}{' '.join(text.split())}" for code, text in results]
+        out.write("".join(line + "\n" for line in lines).encode("utf-8", "replace"))
+        out.flush()
+
+
+def serve(delivery: Delivery, listeners: list[socket.socket], idle_exit: float) -> int:
+    import selectors
+
+    active = 0
+    lock = threading.Lock()
+    last = time.monotonic()
+
+    def run(conn: socket.socket) -> None:
+        nonlocal active, last
+        try:
+            serve_connection(delivery, conn)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("mailgrave-send went away before reading the results")
+        except Exception:
+            log.exception("remote.ctrl connection failed")
+        finally:
+            conn.close()
+            with lock:
+                active -= 1
+                last = time.monotonic()
+
+    sel = selectors.DefaultSelector()
+    for listener in listeners:
+        listener.setblocking(False)
+        sel.register(listener, selectors.EVENT_READ, listener)
+    try:
+        while True:
+            for key, _ in sel.select(timeout=1.0):
+                ready: socket.socket = key.data
+                try:
+                    conn, _ = ready.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                conn.setblocking(True)
+                with lock:
+                    active += 1
+                threading.Thread(target=run, args=(conn,), daemon=True).start()
+            delivery.sessions.expire()
+            with lock:
+                if active == 0 and idle_exit > 0 and time.monotonic() - last >= idle_exit:
+                    return EXIT_OK
+    finally:
+        delivery.sessions.expire(everything=True)
+
+
+def by_hand(delivery: Delivery, sender: str, rcpts: list[str]) -> int:
+    tmp = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the process exits
+    while data := sys.stdin.buffer.read(1 << 16):
+        tmp.write(data.replace(b"\r\n", b"\n"))
+    tmp.flush()
+    by_domain: dict[str, list[str]] = {}
+    for r in rcpts:
+        by_domain.setdefault(r.rpartition("@")[2].lower(), []).append(r)
+    codes = []
+    for group in by_domain.values():
+        results, transcript = delivery.deliver(sender, group, tmp.fileno())
+        for line in transcript:
+            print(f"|{line}")
+        for rcpt, (code, text) in zip(group, results, strict=True):
+            print(f"{code}{text}  <{rcpt}>", flush=True)
+            codes.append(code)
+    delivery.sessions.expire(everything=True)
+    if all(c == "K" for c in codes):
+        return EXIT_OK
+    return EXIT_PERM if all(c in ("K", "D") for c in codes) else EXIT_TEMP
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mailgrave-remote",
+        description="Deliver mail to remote SMTP servers. By hand: message on standard input, "
+        "one K/Z/D line per recipient. As a service: remote.ctrl sockets from LISTEN_FDS, "
+        "or the connection on standard input.",
+    )
+    parser.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    parser.add_argument("--sender", default="", help="envelope sender (by hand)")
+    parser.add_argument("--host", metavar="HOST[:PORT]", help="send to this host, no routing")
+    parser.add_argument("--relay", metavar="HOST", help="smarthost (with --port, --login)")
+    parser.add_argument("--port", type=int, help="port for --relay")
+    parser.add_argument("--login", help="AUTH login; the password comes from SMTP_AUTH_PASSWORD")
+    parser.add_argument("--debug", action="store_true", help="log debugging detail")
+    parser.add_argument("recipients", nargs="*", metavar="RCPT")
+    args = parser.parse_args(argv)
+    logmod.setup("remote", args.debug)
+    try:
+        config = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mailgrave-remote: {problem}", file=sys.stderr)
+        return EXIT_TEMP
+    override = args.host
+    if args.relay:
+        override = f"{args.relay}:{args.port or config.remote.smarthost.port}"
+    delivery = Delivery(config, override, args.login)
+    if args.recipients:
+        return by_hand(delivery, args.sender, args.recipients)
+    from mailgrave.sd import listen_fds, stdin_socket
+
+    listeners = listen_fds()
+    if listeners:
+        return serve(delivery, listeners, config.queue.idle_exit)
+    conn = stdin_socket()
+    if conn is not None:
+        serve_connection(delivery, conn)
+        delivery.sessions.expire(everything=True)
+        return EXIT_OK
+    parser.error("name recipients, or run under systemd with remote.ctrl")
+    return EXIT_TEMP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

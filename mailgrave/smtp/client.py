@@ -1,0 +1,283 @@
+"""A blocking SMTP client for mailgrave-remote: EHLO, STARTTLS, AUTH, pipelined envelope,
+streamed DATA from the spool, per-recipient results, and a transcript of replies."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
+
+MAX_REPLY_LINES = 100
+MAX_LINE = 2048
+
+
+@dataclass
+class Timeouts:
+    """RFC 5321 §4.5.3.2, in seconds."""
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    command: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return f"{self.code} " + " ".join(self.lines)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+class SMTPError(Exception):
+    """A failed exchange: ``reply`` (None for a network failure), ``stage``, ``permanent``."""
+
+    def __init__(self, text: str, stage: str, permanent: bool, reply: Reply | None = None) -> None:
+        super().__init__(text)
+        self.text = text
+        self.stage = stage
+        self.permanent = permanent
+        self.reply = reply
+
+
+@dataclass
+class Client:
+    """One SMTP connection to ``name`` (``host[addr]:port`` for messages and logs)."""
+
+    sock: socket.socket
+    name: str
+    timeouts: Timeouts
+    transcript: list[str] = field(default_factory=list)
+    extensions: dict[str, str] = field(default_factory=dict)
+    tls: bool = False
+    authenticated: bool = False
+    _buf: bytes = b""
+
+    # --- low level ---------------------------------------------------------------
+
+    def _readline(self) -> bytes:
+        while b"\n" not in self._buf:
+            if len(self._buf) > MAX_LINE:
+                raise SMTPError("reply line too long", "reply", False)
+            data = self.sock.recv(4096)
+            if not data:
+                raise SMTPError("connection closed by the server", "reply", False)
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.rstrip(b"\r")
+
+    def read_reply(self, timeout: float, stage: str) -> Reply:
+        self.sock.settimeout(timeout)
+        lines: list[str] = []
+        try:
+            while True:
+                raw = self._readline()
+                text = raw.decode("utf-8", "replace")
+                if len(text) < 3 or not text[:3].isdigit():
+                    raise SMTPError(f"malformed reply to {stage}", stage, False)
+                lines.append(text[4:])
+                if len(lines) > MAX_REPLY_LINES:
+                    raise SMTPError(f"reply to {stage} too long", stage, False)
+                if text[3:4] != "-":
+                    reply = Reply(int(text[:3]), tuple(lines))
+                    self.transcript.append(f"<<< {reply.text}"[:500])
+                    return reply
+        except TimeoutError:
+            raise SMTPError(f"timeout waiting for the reply to {stage}", stage, False) from None
+        except OSError as exc:
+            raise SMTPError(
+                f"connection failed during {stage}: {exc.strerror or exc}", stage, False
+            ) from None
+
+    def send(self, line: str, shown: str | None = None) -> None:
+        self.transcript.append(f">>> {shown if shown is not None else line}"[:500])
+        try:
+            self.sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        except OSError as exc:
+            raise SMTPError(
+                f"connection failed: {exc.strerror or exc}", line.split(" ")[0], False
+            ) from None
+
+    def command(self, line: str, stage: str, shown: str | None = None) -> Reply:
+        self.send(line, shown)
+        return self.read_reply(self.timeouts.command, stage)
+
+    def _fail(self, reply: Reply, stage: str) -> SMTPError:
+        return SMTPError(
+            f"{self.name} said: {reply.text} (in reply to {stage})", stage, reply.permanent, reply
+        )
+
+    # --- session -------------------------------------------------------------------
+
+    def greet(self, helo: str) -> None:
+        reply = self.read_reply(self.timeouts.greeting, "greeting")
+        if not reply.ok:
+            raise self._fail(reply, "the greeting")
+        self.hello(helo)
+
+    def hello(self, helo: str) -> None:
+        reply = self.command(f"EHLO {helo}", "EHLO")
+        if reply.code == 250:
+            self.extensions = {}
+            for line in reply.lines[1:]:
+                key, _, value = line.partition(" ")
+                self.extensions[key.upper()] = value
+            return
+        reply = self.command(f"HELO {helo}", "HELO")
+        if not reply.ok:
+            raise self._fail(reply, "HELO")
+        self.extensions = {}
+
+    def starttls(self, context: ssl.SSLContext, server_hostname: str | None, helo: str) -> None:
+        reply = self.command("STARTTLS", "STARTTLS")
+        if reply.code != 220:
+            raise self._fail(reply, "STARTTLS")
+        try:
+            self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or getattr(exc, "verify_message", None) or exc
+            raise SMTPError(f"TLS with {self.name} failed: {reason}", "STARTTLS", False) from None
+        self._buf = b""
+        self.tls = True
+        self.hello(helo)
+
+    def auth(self, login: str, password: str) -> None:
+        """AUTH PLAIN or LOGIN (only what the server offers; only over TLS)."""
+        if not self.tls:
+            raise SMTPError("refusing to send credentials without TLS", "AUTH", False)
+        mechs = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechs:
+            token = base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+            reply = self.command(f"AUTH PLAIN {token}", "AUTH", shown="AUTH PLAIN ****")
+        elif "LOGIN" in mechs:
+            reply = self.command("AUTH LOGIN", "AUTH")
+            if reply.code == 334:
+                reply = self.command(base64.b64encode(login.encode()).decode(), "AUTH", "****")
+            if reply.code == 334:
+                reply = self.command(base64.b64encode(password.encode()).decode(), "AUTH", "****")
+        else:
+            raise SMTPError(f"{self.name} offers no AUTH PLAIN or LOGIN", "AUTH", False)
+        if reply.code != 235:
+            raise self._fail(reply, "AUTH")
+        self.authenticated = True
+
+    def deliver(
+        self,
+        sender: str,
+        rcpts: list[str],
+        message: Iterator[bytes],
+        size: int,
+        needs_smtputf8: bool,
+    ) -> list[tuple[str, str]]:
+        """One transaction. Returns (K|Z|D, text) per recipient; raises SMTPError when the
+        whole transaction failed (then it applies to every recipient)."""
+        if needs_smtputf8 and "SMTPUTF8" not in self.extensions:
+            raise SMTPError(
+                f"{self.name} does not support SMTPUTF8, which this message needs",
+                "MAIL FROM",
+                True,
+            )
+        params = ""
+        if "SIZE" in self.extensions:
+            params += f" SIZE={size}"
+        if "8BITMIME" in self.extensions:
+            params += " BODY=8BITMIME"
+        if needs_smtputf8:
+            params += " SMTPUTF8"
+        commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in rcpts)]
+        if "PIPELINING" in self.extensions:
+            for line in commands:
+                self.send(line)
+            replies = [self.read_reply(self.timeouts.command, c.split(":")[0]) for c in commands]
+        else:
+            replies = []
+            for line in commands:
+                replies.append(self.command(line, line.split(":")[0]))
+                if not replies[0].ok:
+                    break
+        mail = replies[0]
+        if not mail.ok:
+            self.reset()
+            raise self._fail(mail, "MAIL FROM")
+        results: list[tuple[str, str] | None] = []
+        for rcpt_reply in replies[1:]:
+            if rcpt_reply.ok:
+                results.append(None)
+            else:
+                err = self._fail(rcpt_reply, "RCPT TO")
+                results.append(("D" if rcpt_reply.permanent else "Z", err.text))
+        if all(r is not None for r in results):
+            self.reset()
+            return [r for r in results if r is not None]
+        reply = self.command("DATA", "DATA")
+        if reply.code != 354:
+            raise self._fail(reply, "DATA")
+        self.sock.settimeout(self.timeouts.data_block)
+        try:
+            for chunk in message:
+                self.sock.sendall(chunk)
+            self.sock.sendall(b".\r\n")
+        except TimeoutError:
+            raise SMTPError("timeout while sending the message", "DATA", False) from None
+        except OSError as exc:
+            raise SMTPError(
+                f"connection failed while sending the message: {exc.strerror or exc}", "DATA", False
+            ) from None
+        self.transcript.append(">>> (message)")
+        final = self.read_reply(self.timeouts.data_end, "end of data")
+        if not final.ok:
+            raise self._fail(final, "end of DATA")
+        text = f"{self.name} said: {final.text}"
+        return [r if r is not None else ("K", text) for r in results]
+
+    def reset(self) -> None:
+        try:
+            self.command("RSET", "RSET")
+        except SMTPError:
+            pass
+
+    def quit(self) -> None:
+        try:
+            self.send("QUIT")
+            self.read_reply(5.0, "QUIT")
+        except SMTPError:
+            pass
+        finally:
+            self.sock.close()
+
+
+def wire_format(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """Spool form (LF) → SMTP DATA (CRLF, dot-stuffed), streamed."""
+    rest = b""
+    for block in blocks:
+        data = rest + block
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        out = bytearray()
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.startswith(b"."):
+                out += b"."
+            out += line + b"\r\n"
+        if out:
+            yield bytes(out)
+    if rest:
+        yield (b"." if rest.startswith(b".") else b"") + rest.rstrip(b"\r") + b"\r\n"
