@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 GREET_PAUSE = 0.2  # seconds a client must stay quiet before the greeting
 READ_SIZE = 64 * 1024
 REAP_INTERVAL = 0.5
+DRAIN_TIME = 1.0  # seconds spent reading what the client still sends, on close
+DRAIN_LIMIT = 1024 * 1024
 
 
 @dataclass
@@ -84,6 +86,15 @@ class Channel:
         ready, _, _ = select.select([fd], [], [], wait)
         return bool(ready)
 
+    def peek(self) -> bool:
+        """Is there data waiting (as opposed to EOF)?"""
+        if self.sock is None:
+            return True
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return False
+
     def recv(self) -> bytes:
         """Bytes from the client; b"" at EOF; TimeoutError when idle too long."""
         if self.sock is None:
@@ -122,11 +133,25 @@ class Channel:
             return "TLS"
 
     def close(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+        """Close gracefully: a reply must not be lost to a reset caused by unread input."""
+        if self.sock is None:
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + DRAIN_TIME
+            drained = 0
+            while drained < DRAIN_LIMIT and time.monotonic() < deadline:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.sock.recv(READ_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+        except (OSError, ValueError):
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 def _client_ip(sock: socket.socket | None) -> str:
@@ -185,6 +210,8 @@ class Session:
 
     def _run(self) -> None:
         if self.channel.readable(GREET_PAUSE):
+            if not self.channel.peek():
+                return  # connected and went away (a port probe)
             maillog.rejected("connect", f"[{self.client_ip}]", "talked before the greeting")
             self.channel.send(R.EARLY_TALKER.encode())
             return
@@ -287,7 +314,15 @@ class Session:
             return self.server.message_failed(R.QUEUE_TEMPFAIL)
         ev = self.current
         if ev is not None:
-            maillog.queued(qid, ev.sender, ev.recipients, size, f"smtp [{self.client_ip}]")
+            log.info(
+                "%s: accepted from [%s] sender=<%s> rcpts=<%s> size=%d",
+                qid,
+                self.client_ip,
+                ev.sender,
+                ">,<".join(ev.recipients),
+                size,
+                extra={"fields": {"MAILGRAVE_QID": qid}},
+            )
         return self.server.message_queued(qid)
 
     def _abort_queue(self) -> None:
