@@ -63,7 +63,7 @@ def has_delivered_to(fd: int, rcpt: str) -> bool:
     return False
 
 
-def _write_all(out: int, data: bytes) -> None:
+def write_all(out: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(out, view) :]
@@ -90,9 +90,9 @@ def maildir(path: str, fd: int, prefix: bytes) -> str:
         tmp = os.path.join(path, "tmp", name)
         out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(out, prefix)
+            write_all(out, prefix)
             for data in blocks(fd):
-                _write_all(out, data)
+                write_all(out, data)
             os.fsync(out)
         except BaseException:
             os.close(out)
@@ -136,15 +136,31 @@ def _dotlock(path: str) -> str | None:
             return None  # no write access to the spool directory: fcntl lock only
 
 
-def mbox(path: str, fd: int, sender: str, prefix: bytes) -> str:
+def _open_mbox(path: str, spool: bool) -> int:
+    """Open (or create) an mbox for appending; a new spool mailbox is USER:mail 0660."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            out = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return os.open(path, flags)
+    if spool:  # Debian policy 11.6; the setgid spool directory gives group mail
+        os.fchmod(out, 0o660)
+    return out
+
+
+def mbox(path: str, fd: int, sender: str, prefix: bytes, spool: bool = False) -> str:
     """Append to the mbox ``path`` (mboxrd quoting), locked with fcntl and a dotlock.
 
     On any error the file is truncated back to its old size: nothing half-written.
+    ``spool``: a mailbox in the mail spool (/var/mail/USER), created 0660.
     """
     lock = _dotlock(path)
     try:
         try:
-            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            out = _open_mbox(path, spool)
         except OSError as exc:
             raise _io_failure(exc, f"mailbox {path}") from None
         try:
@@ -161,12 +177,12 @@ def mbox(path: str, fd: int, sender: str, prefix: bytes) -> str:
                     buf += line
                     last = line
                     if len(buf) >= BLOCK:
-                        _write_all(out, bytes(buf))
+                        write_all(out, bytes(buf))
                         buf.clear()
                 if not last.endswith(b"\n"):
                     buf += b"\n"
                 buf += b"\n"
-                _write_all(out, bytes(buf))
+                write_all(out, bytes(buf))
                 os.fsync(out)
             except OSError as exc:
                 os.ftruncate(out, start)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import argparse
 import array
+import errno
 import logging
 import os
 import pwd
 import select
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
@@ -31,6 +34,7 @@ from mailgrave.local.routing import Router, Target
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
+MAX_FORWARD = 64 * 1024
 
 
 def _prefix(sender: str, rcpt: str) -> bytes:
@@ -81,18 +85,87 @@ def _forward(config: Config, fd: int, sender: str, rcpt: str, addresses: list[st
 
 
 def _read_forward(pw: pwd.struct_passwd) -> list[str] | None:
-    """The user's ~/.forward items, read as the user; None when there is none."""
+    """The user's ~/.forward items, read as the user; None when there is none.
+
+    As sendmail does, a .forward that others could have written (not owned by
+    the user or root, or group/world writable) is ignored: mail stays in the
+    user's own mailbox.
+    """
     from mailgrave.local.routing import parse_alias_items
 
+    path = os.path.join(pw.pw_dir, ".forward")
     try:
-        with open(os.path.join(pw.pw_dir, ".forward"), encoding="utf-8", errors="replace") as f:
-            text = " ".join(line for line in f if not line.lstrip().startswith("#"))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            log.warning("%s: .forward is a symbolic link, ignored", pw.pw_name)
+            return None
         raise TempFail("4.3.0 cannot read .forward") from None
-    items = parse_alias_items(text.replace("\n", ","))
+    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (pw.pw_uid, 0) or st.st_mode & 0o022:
+            log.warning("%s: .forward is not a private regular file, ignored", pw.pw_name)
+            return None
+        try:
+            text = f.read(MAX_FORWARD)
+        except OSError:
+            raise TempFail("4.3.0 cannot read .forward") from None
+    text = ",".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    items = parse_alias_items(text)
     return items or None
+
+
+def _is_self(config: Config, pw: pwd.struct_passwd, item: str) -> bool:
+    """Does a .forward item name the user's own mailbox (``\\user``, ``user``, ``user@local``)?"""
+    local, at, domain = item.lstrip("\\").rpartition("@")
+    if not at:
+        local, domain = item.lstrip("\\"), config.hostname
+    return local.lower() == pw.pw_name.lower() and config.is_local_domain(domain)
+
+
+def _forward_items(config: Config, target: Target) -> list[str]:
+    """In a child that becomes the user (no extra groups): their ~/.forward items."""
+    pw = _become(target.user)
+    return (_read_forward(pw) if config.local.forward else None) or []
+
+
+def expand_user(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
+    """A system user: what their ~/.forward says (read as them), else their own mailbox.
+
+    Runs in the privileged parent: each destination gets its own child, so only
+    the write into the mail spool gets group mail, never a .forward command.
+    """
+    line = _in_child(
+        lambda: "K" + "\0".join(_forward_items(config, target)), qid, rcpt, MAX_FORWARD * 2
+    )
+    if line[:1] != "K":
+        return line
+    items = [i for i in line[1:].split("\0") if i]
+    pw = pwd.getpwnam(target.user)
+    if not items:
+        return _run_child(config, Target("own", pw.pw_name, pw.pw_name), fd, sender, rcpt, qid)
+    results: list[str] = []
+    forwards: list[str] = []
+    for item in items:
+        if item.startswith("|"):
+            t = Target("pipe", item[1:].strip(), pw.pw_name, target.extension)
+        elif item.startswith("/"):
+            t = Target("file", item, pw.pw_name)
+        elif _is_self(config, pw, item):
+            t = Target("own", pw.pw_name, pw.pw_name)
+        else:
+            forwards.append(item if "@" in item else f"{item}@{config.origin or config.hostname}")
+            continue
+        results.append(_run_child(config, t, fd, sender, rcpt, qid))
+    if forwards:
+        results.append(
+            _run_child(
+                config, Target("forward", ",".join(forwards), pw.pw_name), fd, sender, rcpt, qid
+            )
+        )
+    return _combine(results)
 
 
 def deliver_target(
@@ -100,8 +173,11 @@ def deliver_target(
 ) -> str:
     """In a child process: become the target's user, then deliver. Returns the result text."""
     prefix = _prefix(sender, rcpt)
-    extra = _mail_gid() if target.kind in ("mbox", "user") else ()
-    pw = _become(target.user, extra)
+    # Only writing into the mail spool (Debian policy 11.6: dotlock in the
+    # 2775 root:mail directory) gets group mail, never a command or a file.
+    in_spool = target.kind == "mbox" or (target.kind == "own" and config.local.mailbox == "mbox")
+    pw = _become(target.user, _mail_gid() if in_spool else ())
+    os.umask(0o077)
     env = {
         "HOME": pw.pw_dir,
         "USER": pw.pw_name,
@@ -117,55 +193,42 @@ def deliver_target(
     }
     if target.kind == "maildir":
         return mailbox.maildir(target.value, fd, prefix)
-    if target.kind in ("mbox", "file"):
+    if target.kind == "mbox":
+        return mailbox.mbox(target.value, fd, sender, prefix, spool=True)
+    if target.kind == "file":
         return mailbox.mbox(target.value, fd, sender, prefix)
     if target.kind == "pipe":
         return mailbox.pipe(target.value, fd, prefix, env)
     if target.kind == "forward":
-        return _forward(config, fd, sender, rcpt, [target.value])
-    # A system user: ~/.forward (read as them), else their mailbox.
-    if config.local.forward:
-        items = _read_forward(pw)
-        if items:
-            results = []
-            forwards = []
-            for item in items:
-                if item.startswith("|"):
-                    results.append(mailbox.pipe(item[1:].strip(), fd, prefix, env))
-                elif item.startswith("/"):
-                    results.append(mailbox.mbox(item, fd, sender, prefix))
-                elif item.lstrip("\\") == pw.pw_name:
-                    results.append(_own_mailbox(config, pw, fd, sender, prefix))
-                else:
-                    forwards.append(item if "@" in item else f"{item}@{config.hostname}")
-            if forwards:
-                results.append(_forward(config, fd, sender, rcpt, forwards))
-            return "; ".join(results)
-    return _own_mailbox(config, pw, fd, sender, prefix)
+        return _forward(config, fd, sender, rcpt, target.value.split(","))
+    if target.kind == "own":
+        return _own_mailbox(config, pw, fd, sender, prefix)
+    raise TempFail(f"4.3.0 unknown delivery kind {target.kind}")
 
 
 def _own_mailbox(config: Config, pw: pwd.struct_passwd, fd: int, sender: str, prefix: bytes) -> str:
     if config.local.mailbox == "mbox":
-        return mailbox.mbox(os.path.join(config.local.mbox_dir, pw.pw_name), fd, sender, prefix)
+        path = os.path.join(config.local.mbox_dir, pw.pw_name)
+        return mailbox.mbox(path, fd, sender, prefix, spool=True)
     return mailbox.maildir(os.path.join(pw.pw_dir, config.local.maildir), fd, prefix)
 
 
-def _run_child(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
-    """Fork, deliver in the child, and return its one-line result (K/Z/D + text)."""
+def _in_child(func: Callable[[], str], qid: str, rcpt: str, limit: int = 2000) -> str:
+    """Run ``func`` in a forked child; its K/Z/D result line (DeliveryError → Z/D)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         code = 0
         try:
-            text = "K" + deliver_target(config, target, fd, sender, rcpt, qid)
+            text = func()
         except DeliveryError as exc:
-            text = exc.code + exc.text
+            text = exc.code + " ".join(exc.text.split())
         except Exception:
             log.exception("%s: delivery to %s failed unexpectedly", qid, rcpt)
             text = "Z4.3.0 internal error in local delivery"
         try:
-            os.write(w, " ".join(text.split()).encode("utf-8", "replace")[:2000] + b"\n")
+            mailbox.write_all(w, text.encode("utf-8", "surrogateescape")[:limit])
         except OSError:
             code = 1
         os._exit(code)
@@ -174,9 +237,30 @@ def _run_child(config: Config, target: Target, fd: int, sender: str, rcpt: str, 
     with os.fdopen(r, "rb") as f:
         while data := f.read(4096):
             chunks.append(data)
-    os.waitpid(pid, 0)
-    line = b"".join(chunks).decode("utf-8", "replace").strip()
-    return line or "Z4.3.0 delivery process died"
+    _pid, status = os.waitpid(pid, 0)
+    line = b"".join(chunks).decode("utf-8", "surrogateescape")
+    if not line or os.waitstatus_to_exitcode(status) != 0:
+        return "Z4.3.0 delivery process died"
+    return line
+
+
+def _run_child(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
+    """Deliver to one destination in a child (as its user); the one-line K/Z/D result."""
+    if target.kind == "user":
+        return expand_user(config, target, fd, sender, rcpt, qid)
+
+    def run() -> str:
+        return "K" + " ".join(deliver_target(config, target, fd, sender, rcpt, qid).split())
+
+    return _in_child(run, qid, rcpt)
+
+
+def _combine(results: list[str]) -> str:
+    for code in ("Z", "D"):  # any temporary failure means: try the whole recipient again
+        failed = [r for r in results if r.startswith(code)]
+        if failed:
+            return failed[0]
+    return "K" + "; ".join(r[1:] for r in results)
 
 
 def deliver(config: Config, router: Router, fd: int, sender: str, rcpt: str, qid: str) -> str:
@@ -189,12 +273,7 @@ def deliver(config: Config, router: Router, fd: int, sender: str, rcpt: str, qid
         return exc.code + exc.text
     except OSError:
         return "Z4.3.0 cannot read the message"
-    results = [_run_child(config, t, fd, sender, rcpt, qid) for t in targets]
-    for code in ("Z", "D"):  # any temporary failure means: try the whole recipient again
-        failed = [r for r in results if r.startswith(code)]
-        if failed:
-            return failed[0]
-    return "K" + "; ".join(r[1:] for r in results)
+    return _combine([_run_child(config, t, fd, sender, rcpt, qid) for t in targets])
 
 
 # --- local.ctrl -----------------------------------------------------------------
