@@ -492,3 +492,33 @@ def test_starttls_discards_pipelined_commands(tls_instance: Instance, processes:
             assert b"STARTTLS" not in recv_reply(tls)
             tls.sendall(b"QUIT\r\n")
             assert recv_reply(tls).startswith(b"221")
+
+
+def test_listener_exits_when_idle(instance: Instance, processes: Processes) -> None:
+    instance.settings["smtpd"] = {"idle_exit": "1s"}
+    instance.write_config()
+    proc, _port = start_bind(instance, processes)
+    assert proc.wait(timeout=10) == 0
+
+
+def test_connection_limit_per_client(queue_chain: Instance, processes: Processes) -> None:
+    queue_chain.settings["smtpd"] = {"max_connections_per_client": 2}
+    queue_chain.write_config()
+    _proc, port = start_bind(queue_chain, processes)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        for sock in held:
+            assert recv_reply(sock).startswith(b"220 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as third:
+            assert recv_reply(third).startswith(b"421 4.7.0")
+        held.pop().close()
+
+        # the slot is free again once the parent has reaped that child
+        def admitted() -> bool:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                return recv_reply(sock).startswith(b"220 ")
+
+        wait_for(admitted, timeout=10)
+    finally:
+        for sock in held:
+            sock.close()
