@@ -1,0 +1,112 @@
+"""Mailbox writers (mailgrave.local.mailbox): Maildir names, mboxrd quoting, no half-writes."""
+
+from __future__ import annotations
+
+import errno
+import mailbox as pymailbox
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from mailgrave.errors import PermFail, TempFail
+from mailgrave.local import mailbox
+
+MSG = b"Received: by test\nSubject: s\n\nFrom here\n>From there\n>>From far\nFromage\nlast"
+
+
+def message_fd(tmp_path: Path, data: bytes = MSG) -> int:
+    path = tmp_path / "spool.msg"
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_maildir_created_named_and_complete(tmp_path: Path) -> None:
+    fd = message_fd(tmp_path)
+    md = tmp_path / "box" / "Maildir"
+    names = set()
+    for _ in range(3):
+        mailbox.maildir(str(md) + "/", fd, b"Delivered-To: a@b\n")
+        names = {p.name for p in (md / "new").iterdir()}
+    assert len(names) == 3  # unique names even within one second and one process
+    for sub in ("tmp", "new", "cur"):
+        assert (md / sub).stat().st_mode & 0o777 == 0o700
+    assert list((md / "tmp").iterdir()) == []
+    for name in names:
+        assert re.fullmatch(r"\d+\.M\d+P\d+Q\d+\.[^/:]+", name), name
+        assert (md / "new" / name).read_bytes() == b"Delivered-To: a@b\n" + MSG
+        assert (md / "new" / name).stat().st_mode & 0o777 == 0o600
+    box = pymailbox.Maildir(str(md), create=False)
+    assert [m["Subject"] for m in box] == ["s"] * 3
+
+
+def test_mbox_quoting_from_line_and_blank_line(tmp_path: Path) -> None:
+    fd = message_fd(tmp_path)
+    path = tmp_path / "mbox"
+    mailbox.mbox(str(path), fd, "", b"Return-Path: <>\n")
+    mailbox.mbox(str(path), fd, "s@example.net", b"")
+    raw = path.read_bytes()
+    first, _second = raw.split(b"\n\nFrom s@example.net ")
+    assert re.match(rb"From MAILER-DAEMON \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\n", first)
+    assert b"\n>From here\n>>From there\n>>>From far\nFromage\nlast" in first
+    assert raw.endswith(b"last\n\n")  # final newline added, then the blank separator
+    assert not (tmp_path / "mbox.lock").exists()
+    box = pymailbox.mbox(str(path), create=False)
+    try:
+        assert [m["Subject"] for m in box] == ["s", "s"]
+        assert [m.get_from().split()[0] for m in box] == ["MAILER-DAEMON", "s@example.net"]
+    finally:
+        box.close()
+
+
+def test_mbox_failure_truncates_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "mbox"
+    path.write_bytes(b"From x Thu Jan  1 00:00:00 1970\nSubject: old\n\nold\n\n")
+    before = path.read_bytes()
+    big = b"Subject: big\n\n" + b"z" * 99 + b"\n" * 1 + (b"y" * 99 + b"\n") * 5000
+    fd = message_fd(tmp_path, big)
+    real_write = os.write
+    calls = {"n": 0}
+
+    def failing_write(out: int, data: bytes | memoryview) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(out, data)
+
+    monkeypatch.setattr(mailbox.os, "write", failing_write)
+    with pytest.raises(TempFail, match=r"^4\.3\.1"):
+        mailbox.mbox(str(path), fd, "s@example.net", b"")
+    assert path.read_bytes() == before
+    assert not (tmp_path / "mbox.lock").exists()
+
+
+def test_stale_dotlock_is_broken_and_fresh_one_waits(tmp_path: Path) -> None:
+    fd = message_fd(tmp_path)
+    path = tmp_path / "mbox"
+    lock = tmp_path / "mbox.lock"
+    lock.touch()
+    old = os.stat(lock).st_mtime - mailbox.DOTLOCK_STALE - 10
+    os.utime(lock, (old, old))
+    mailbox.mbox(str(path), fd, "s@example.net", b"")
+    assert path.read_bytes().startswith(b"From s@example.net ")
+    assert not lock.exists()
+
+
+def test_delivered_to_looks_at_the_header_only(tmp_path: Path) -> None:
+    fd = message_fd(tmp_path, b"Subject: x\nDelivered-To: A@Example.org\n\nDelivered-To: b@x\n")
+    assert mailbox.has_delivered_to(fd, "a@example.org")
+    assert not mailbox.has_delivered_to(fd, "b@x")
+
+
+def test_pipe_gets_prefix_and_body_exit_codes(tmp_path: Path) -> None:
+    fd = message_fd(tmp_path)
+    out = tmp_path / "out"
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    mailbox.pipe(f"cat > {out}", fd, b"Delivered-To: p@x\n", env)
+    assert out.read_bytes() == b"Delivered-To: p@x\n" + MSG
+    with pytest.raises(PermFail, match="status 100: nope"):
+        mailbox.pipe("echo nope >&2; exit 100", fd, b"", env)
+    with pytest.raises(TempFail, match="status 1"):
+        mailbox.pipe("exit 1", fd, b"", env)
