@@ -1,0 +1,167 @@
+"""mailgrave-local as a service: the local.ctrl protocol on stdin (Accept=yes) and LISTEN_FDS."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import pwd
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import Instance, Processes, program, wait_for
+
+MSG = b"Received: by test\nFrom: s@example.net\nSubject: via ctrl\n\nFrom me\nbody\n"
+
+
+def request(sock: socket.socket, msg_path: Path, qid: str, sender: str, *rcpts: str) -> list[str]:
+    """One local.ctrl request with the message fd (SCM_RIGHTS); the K/Z/D lines back."""
+    data = f"Q{qid}\0F{sender}\0".encode() + b"".join(f"T{r}\0".encode() for r in rcpts) + b"\0"
+    fd = os.open(msg_path, os.O_RDONLY)
+    try:
+        socket.send_fds(sock, [data], [fd])
+    finally:
+        os.close(fd)
+    lines: list[str] = []
+    buf = b""
+    while len(lines) < len(rcpts):
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {lines}"
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        lines += [d.decode() for d in done]
+    return lines
+
+
+def spool_message(inst: Instance, data: bytes = MSG) -> Path:
+    path = inst.base / "spool.msg"
+    path.write_bytes(data)
+    return path
+
+
+def children(pid: int) -> list[str]:
+    """States of the direct children of ``pid`` (Z = a zombie nobody reaped)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(fields[0])
+    return found
+
+
+def test_connection_on_stdin_serves_several_requests(
+    instance: Instance, processes: Processes
+) -> None:
+    msg = spool_message(instance)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = processes.start(
+        [program("mailgrave-local"), "--config", str(instance.config_path)],
+        stdin=theirs,
+    )
+    theirs.close()
+    with ours:
+        lines = request(
+            ours, msg, "Q1", "s@example.net", "alice@example.org", "nobody-x@example.org"
+        )
+        assert lines[0].startswith("K") and lines[1].startswith("D5.1.1")
+        lines = request(ours, msg, "Q2", "", "bob+tag@example.org", "Alice@Example.org")
+        assert [line[:1] for line in lines] == ["K", "K"]
+    assert proc.wait(timeout=10) == 0
+    alice = mailbox.Maildir(str(instance.maildir("alice")), create=False)
+    got = sorted((m["Return-Path"], m["Delivered-To"]) for m in alice)
+    assert got == [("<>", "Alice@Example.org"), ("<s@example.net>", "alice@example.org")]
+    [bob] = instance.messages("bob")
+    assert bob.startswith(
+        b"Return-Path: <>\nDelivered-To: bob+tag@example.org\nReceived: by test\n"
+    )
+    if os.getuid() == 0:  # never written as root: as the configured virtual user
+        want = pwd.getpwnam(instance.settings["local"]["virtual_user"]).pw_uid
+        for p in (instance.maildir("alice") / "new").iterdir():
+            assert p.stat().st_uid == want != 0
+    # A real mail reader lists both messages of the Maildir.
+    listing = subprocess.run(
+        ["s-nail", "-N", "-R", "-H", "-f", str(instance.maildir("alice"))],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env={"HOME": str(instance.base), "PATH": os.environ["PATH"], "TERM": "dumb"},
+        timeout=30,
+    ).stdout.decode(errors="replace")
+    assert listing.count("via ctrl") == 2, listing
+
+
+def test_listen_fds_many_connections_reaped_idle_exit(tmp_path: Path, processes: Processes) -> None:
+    inst = Instance(tmp_path, queue={"idle_exit": "1s"})
+    msg = spool_message(inst)
+    path = str(tmp_path / "local.ctrl")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    os.set_inheritable(listener.fileno(), True)
+    env = dict(os.environ, LISTEN_FDS="1")
+    fd = listener.fileno()
+    # fd 3 as systemd passes it; the wrapper execs mailgrave-local (same pid)
+    move = f"import os, sys; os.dup2({fd}, 3); os.close({fd}); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = processes.start(
+        [
+            "/usr/bin/python3",
+            "-c",
+            move,
+            program("mailgrave-local"),
+            "--config",
+            str(inst.config_path),
+        ],
+        env=env,
+        pass_fds=(fd,),
+    )
+    listener.close()
+    conns = []
+    for i in range(5):
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(path)
+        conns.append(c)
+    for i, c in enumerate(conns):
+        assert request(c, msg, f"Q{i}", "s@example.net", "alice@example.org")[0].startswith("K")
+    for c in conns:
+        c.close()
+    assert len(inst.messages("alice")) == 5
+    # every worker is reaped (no zombies) while the parent waits for more work
+    wait_for(lambda: proc.poll() is not None or not children(proc.pid), timeout=5)
+    assert "Z" not in children(proc.pid)
+    # then, idle, it exits by itself
+    started = time.monotonic()
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - started < 5
+
+
+def test_loop_and_unknown_are_permanent_over_ctrl(instance: Instance, processes: Processes) -> None:
+    msg = spool_message(
+        instance, b"Received: x\nDelivered-To: bob@example.org\n\nDelivered-To: alice@example.org\n"
+    )
+    ours, theirs = socket.socketpair()
+    processes.start(
+        [program("mailgrave-local"), "--config", str(instance.config_path)], stdin=theirs
+    )
+    theirs.close()
+    with ours:
+        a, b = request(ours, msg, "Q", "s@example.net", "bob@example.org", "alice@example.org")
+    assert a.startswith("D5.4.6") and "loop" in a
+    assert b.startswith("K")  # only the header counts, not the body
+    assert instance.messages("bob") == []
+
+
+def test_request_without_fd_is_temporary(instance: Instance, processes: Processes) -> None:
+    ours, theirs = socket.socketpair()
+    processes.start(
+        [program("mailgrave-local"), "--config", str(instance.config_path)], stdin=theirs
+    )
+    theirs.close()
+    with ours:
+        ours.sendall(b"QX\0Fs@example.net\0Talice@example.org\0\0")
+        assert ours.recv(4096).startswith(b"Z4.3.0")
+    assert instance.messages("alice") == []
