@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import grp
 import mailbox
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import Instance, Processes, program, wait_for
 
@@ -165,3 +171,106 @@ def test_request_without_fd_is_temporary(instance: Instance, processes: Processe
         ours.sendall(b"QX\0Fs@example.net\0Talice@example.org\0\0")
         assert ours.recv(4096).startswith(b"Z4.3.0")
     assert instance.messages("alice") == []
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="creates users, switches uid")
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> Iterator[pwd.struct_passwd]:
+    """A system user made for this test, removed afterwards (by name)."""
+    name = f"mgl{uuid.uuid4().hex[:8]}"
+    home = tmp_path / "home" / name
+    home.parent.mkdir()
+    os.chmod(home.parent, 0o755)
+    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), name], check=True)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        for leftover in (Path("/var/mail") / name, Path(f"/var/mail/{name}.lock")):
+            leftover.unlink(missing_ok=True)
+
+
+def by_hand(inst: Instance, rcpt: str, data: bytes = MSG) -> subprocess.CompletedProcess[bytes]:
+    return inst.run("mailgrave-local", "--sender", "s@example.net", "--qid", "T", rcpt, input=data)
+
+
+@needs_root
+def test_spool_mbox_is_user_mail_0660_and_forward_commands_lack_group_mail(
+    tmp_path: Path, user: pwd.struct_passwd
+) -> None:
+    mail_gid = grp.getgrnam("mail").gr_gid
+    spool = tmp_path / "varmail"  # like Debian's /var/mail: 2775 root:mail
+    spool.mkdir()
+    os.chown(spool, 0, mail_gid)
+    os.chmod(spool, 0o2775)
+    inst = Instance(tmp_path, local={"mailbox": "mbox", "mbox_dir": str(spool)})
+    res = by_hand(inst, f"{user.pw_name}@example.org")
+    assert res.returncode == 0, res.stdout + res.stderr
+    st = (spool / user.pw_name).stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (user.pw_uid, mail_gid, 0o660)
+    # A .forward command runs as the user with the user's own groups only:
+    # group mail would open every mailbox in the spool to it.
+    out = tmp_path / "groups"
+    out.touch()
+    shutil.chown(out, user.pw_name)
+    fwd = Path(user.pw_dir) / ".forward"
+    fwd.write_text(f'"|id -u > {out}; id -G >> {out}", {user.pw_name}@example.org\n')
+    shutil.chown(fwd, user.pw_name)
+    res = by_hand(inst, f"{user.pw_name}@example.org")
+    assert res.returncode == 0, res.stdout + res.stderr
+    uid, groups = out.read_text().splitlines()
+    assert int(uid) == user.pw_uid
+    assert str(mail_gid) not in groups.split()
+    # ... and the item naming the user's own address went to the mailbox, not round a loop
+    box = mailbox.mbox(str(spool / user.pw_name), create=False)
+    try:
+        assert len(box) == 2
+    finally:
+        box.close()
+
+
+@needs_root
+def test_forward_writable_by_others_is_ignored(instance: Instance, user: pwd.struct_passwd) -> None:
+    fwd = Path(user.pw_dir) / ".forward"
+    fwd.write_text("bob@example.org\n")
+    shutil.chown(fwd, user.pw_name)
+    fwd.chmod(0o666)
+    res = by_hand(instance, f"{user.pw_name}@example.org")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert len(list((Path(user.pw_dir) / "Maildir" / "new").iterdir())) == 1
+    assert instance.messages("bob") == []
+
+
+@needs_root
+def test_run_as_an_ordinary_user_delivers_as_that_user(tmp_path: Path) -> None:
+    """A developer's `mailgrave run` as themselves: no uid switching, their own files."""
+    nobody = pwd.getpwnam("nobody")
+    inst = Instance(tmp_path, local={"virtual_user": "nobody"})
+    for p in (inst.base, inst.mail):
+        os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    res = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={nobody.pw_uid}",
+            f"--regid={nobody.pw_gid}",
+            "--clear-groups",
+            program("mailgrave-local"),
+            "--config",
+            str(inst.config_path),
+            "--sender",
+            "s@example.net",
+            "alice@example.org",
+            "root@example.org",
+        ],
+        input=MSG,
+        capture_output=True,
+        timeout=60,
+    )
+    lines = res.stdout.decode().splitlines()
+    assert lines[0].startswith("K"), res.stdout + res.stderr
+    # root's mailbox (/var/mail/root) is not writable by nobody: a temporary failure
+    assert lines[1].startswith("Z"), lines
+    [path] = list((inst.maildir("alice") / "new").iterdir())
+    assert path.stat().st_uid == nobody.pw_uid
