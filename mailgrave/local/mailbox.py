@@ -102,13 +102,19 @@ def maildir(path: str, fd: int, prefix: bytes) -> str:
         new = os.path.join(path, "new", name)
         try:
             os.link(tmp, new)
-        finally:
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                os.unlink(tmp)
+                raise
+            os.rename(tmp, new)  # a file system without hard links: the name is unique anyway
+        else:
             os.unlink(tmp)
-        dfd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        for sub in ("new", "tmp"):
+            dfd = os.open(os.path.join(path, sub), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
     except OSError as exc:
         raise _io_failure(exc, f"maildir {path}") from None
     return f"2.0.0 delivered to maildir {path}"
@@ -168,7 +174,8 @@ def mbox(path: str, fd: int, sender: str, prefix: bytes, spool: bool = False) ->
             start = os.lseek(out, 0, os.SEEK_END)
             try:
                 date = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime())
-                buf = bytearray(f"From {sender or 'MAILER-DAEMON'} {date}\n".encode())
+                who = "_".join((sender or "MAILER-DAEMON").split())  # one word for readers
+                buf = bytearray(f"From {who} {date}\n".encode("utf-8", "surrogateescape"))
                 buf += prefix
                 last = b"\n"
                 for line in lines(fd):

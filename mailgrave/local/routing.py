@@ -15,7 +15,7 @@ import pwd
 from dataclasses import dataclass
 
 from mailgrave.config import Config
-from mailgrave.errors import PermFail
+from mailgrave.errors import PermFail, TempFail
 
 MAX_DEPTH = 20
 ALWAYS = ("mailer-daemon", "postmaster", "root")
@@ -94,10 +94,14 @@ class Router:
         return targets
 
     def exists(self, address: str) -> bool:
+        """False only for a permanent "no such user"; a temporary problem accepts
+        (delivery will then retry or bounce, rather than refusing good mail)."""
         try:
             return bool(self.resolve(address))
         except PermFail:
             return False
+        except TempFail:
+            return True
 
     def _resolve(self, address: str, out: list[Target], seen: set[str], depth: int) -> None:
         if depth > MAX_DEPTH:
@@ -153,8 +157,6 @@ class Router:
                             for i in parse_alias_items(line)
                         ]
                 except OSError:
-                    from mailgrave.errors import TempFail
-
                     raise TempFail(f"4.3.0 cannot read include file for {name}") from None
                 self._expand(name, included, domain, out, seen, depth + 1)
             elif item.startswith("|"):

@@ -110,3 +110,12 @@ def test_pipe_gets_prefix_and_body_exit_codes(tmp_path: Path) -> None:
         mailbox.pipe("echo nope >&2; exit 100", fd, b"", env)
     with pytest.raises(TempFail, match="status 1"):
         mailbox.pipe("exit 1", fd, b"", env)
+
+
+def test_mbox_from_line_stays_one_word_per_field(tmp_path: Path) -> None:
+    fd = message_fd(tmp_path)
+    path = tmp_path / "mbox"
+    mailbox.mbox(str(path), fd, '"john smith"@example.net', b"")
+    first = path.read_bytes().split(b"\n", 1)[0]
+    assert first.startswith(b'From "john_smith"@example.net ')
+    assert len(first.split()) == 7  # From, sender, and the five parts of the date

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mailgrave import config
-from mailgrave.errors import PermFail
+from mailgrave.errors import PermFail, TempFail
 from mailgrave.local.routing import (
     Router,
     Target,
@@ -133,3 +133,10 @@ def test_recipient_exists_for_smtpd(tmp_path: Path) -> None:
     assert recipient_exists(cfg, "postmaster", "example.org")
     assert recipient_exists(cfg, "bob", "example.org")
     assert not recipient_exists(cfg, "mallory", "example.org")
+
+
+def test_unreadable_include_is_temporary_and_accepted_at_rcpt(tmp_path: Path) -> None:
+    r = router(tmp_path, f"list: :include:{tmp_path}/missing.inc\n")
+    with pytest.raises(TempFail, match=r"^4\.3\.0"):
+        r.resolve("list@example.org")
+    assert r.exists("list@example.org")  # smtpd accepts; delivery retries
