@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 MAX_FORWARD = 64 * 1024
+# Descriptors a delivery child must not keep once it is the recipient (the
+# local.ctrl connection: nobody but this process answers for the request).
+_private_fds: set[int] = set()
 
 
 def _prefix(sender: str, rcpt: str) -> bytes:
@@ -219,6 +222,11 @@ def _in_child(func: Callable[[], str], qid: str, rcpt: str, limit: int = 2000) -
     pid = os.fork()
     if pid == 0:
         os.close(r)
+        for private in _private_fds:
+            try:
+                os.close(private)
+            except OSError:
+                pass
         code = 0
         try:
             text = func()
@@ -309,6 +317,7 @@ def _recv_request(sock: socket.socket) -> tuple[bytes, int] | None:
 
 def serve_connection(config: Config, sock: socket.socket) -> None:
     router = Router(config)
+    _private_fds.add(sock.fileno())
     out = sock.makefile("wb")
     while True:
         req = _recv_request(sock)
@@ -430,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve(config, listeners, config.queue.idle_exit)
     conn = stdin_socket()
     if conn is not None:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the connection stays only in ``conn``, kept from delivery children
+        os.close(null)
         serve_connection(config, conn)
         return EXIT_OK
     parser.error("name recipients, or run under systemd with local.ctrl")
