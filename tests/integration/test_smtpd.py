@@ -504,7 +504,12 @@ def test_listener_exits_when_idle(instance: Instance, processes: Processes) -> N
 def test_connection_limit_per_client(queue_chain: Instance, processes: Processes) -> None:
     queue_chain.settings["smtpd"] = {"max_connections_per_client": 2}
     queue_chain.write_config()
-    _proc, port = start_bind(queue_chain, processes)
+    proc, port = start_bind(queue_chain, processes)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        recv_reply(sock)  # accepted after start_bind's probe (the backlog is FIFO)
+        sock.sendall(b"QUIT\r\n")
+        recv_reply(sock)
+    wait_for(lambda: smtpd_pid_children(proc.pid) == [])  # both sessions are over
     held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
     try:
         for sock in held:
