@@ -226,7 +226,8 @@ class Client:
         if all(r is not None for r in results):
             self.reset()
             return [r for r in results if r is not None]
-        reply = self.command("DATA", "DATA")
+        self.send("DATA")
+        reply = self.read_reply(self.timeouts.data_init, "DATA")
         if reply.code != 354:
             raise self._fail(reply, "DATA")
         self.sock.settimeout(self.timeouts.data_block)
@@ -264,20 +265,31 @@ class Client:
 
 
 def wire_format(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """Spool form (LF) → SMTP DATA (CRLF, dot-stuffed), streamed."""
-    rest = b""
+    """Spool form (LF) → SMTP DATA (CRLF, dot-stuffed), streamed in bounded memory:
+    a long line is passed on in pieces, never collected whole."""
+    start = True  # the next byte begins a line
+    held = b""  # a CR at the end of a block, which may be the CR of a CRLF
     for block in blocks:
-        data = rest + block
-        lines = data.split(b"\n")
-        rest = lines.pop()
+        data = held + block
+        held = b""
         out = bytearray()
+        lines = data.split(b"\n")
+        last = lines.pop()
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if line.startswith(b"."):
+            if start and line.startswith(b"."):
                 out += b"."
             out += line + b"\r\n"
+            start = True
+        if last.endswith(b"\r"):
+            held, last = b"\r", last[:-1]
+        if last:
+            if start and last.startswith(b"."):
+                out += b"."
+            out += last
+            start = False
         if out:
             yield bytes(out)
-    if rest:
-        yield (b"." if rest.startswith(b".") else b"") + rest.rstrip(b"\r") + b"\r\n"
+    if held or not start:
+        yield b"\r\n"
