@@ -253,7 +253,10 @@ class Remote:
     port: int = _opt(_int, 25)
     helo: str = _opt(_str, "")
     connect_timeout: float = _opt(parse_duration, 30.0)
+    # RFC 5321 §4.5.3.2: greeting and commands 5 min; the final dot gets twice this.
+    timeout: float = _opt(parse_duration, 300.0)
     max_parallel: int = _opt(_int, 10)
+    destination_concurrency: int = _opt(_int, 4)  # connections per destination domain
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,15 @@ class Delivery:
         self.override = override
         self.login = login if login is not None else config.remote.smarthost.login
         self.sessions = Sessions()
-        self.timeouts = Timeouts(connect=config.remote.connect_timeout)
+        t = config.remote.timeout
+        self.timeouts = Timeouts(
+            connect=config.remote.connect_timeout,
+            greeting=t,
+            command=t,
+            data_init=min(t, 120.0),
+            data_block=min(t, 180.0),
+            data_end=2 * t,
+        )
         self._contexts: dict[bool, ssl.SSLContext] = {}
 
     def _context(self, verify: bool) -> ssl.SSLContext:

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -198,6 +199,17 @@ class Scheduler:
 
     # --- doing it --------------------------------------------------------------
 
+    @staticmethod
+    def _destination(job: Job) -> str:
+        if job.channel == "remote" and job.recipients:
+            return "remote:" + job.recipients[0].addr.rpartition("@")[2]
+        return f"{job.channel}:{job.state.qid}"
+
+    def _concurrency(self, destination: str) -> int:
+        if destination.startswith("remote:"):
+            return max(1, self.config.remote.destination_concurrency)
+        return 1
+
     def run_job(self, job: Job) -> list[Result]:
         if not job.recipients:
             return []
@@ -314,6 +326,11 @@ class Scheduler:
     def run(self) -> int:
         pool = ThreadPoolExecutor(max_workers=max(1, self.config.queue.max_parallel))
         futures: dict[Future[list[Result]], Job] = {}
+        # Jobs wait per destination, so that one destination gets at most
+        # remote.destination_concurrency connections and messages due together
+        # go over the same (reused) connection one after another.
+        waiting: dict[str, deque[Job]] = {}
+        active: dict[str, int] = {}
         last_deferred_scan = 0.0
         try:
             while True:
@@ -324,12 +341,24 @@ class Scheduler:
                 for job in self.collect(rescan):
                     qid = job.state.qid
                     self.inflight[qid] = self.inflight.get(qid, 0) + 1
-                    futures[pool.submit(self.run_job, job)] = job
+                    waiting.setdefault(self._destination(job), deque()).append(job)
+                remote_total = sum(n for d, n in active.items() if d.startswith("remote:"))
+                for dest, jobs in waiting.items():
+                    limit = self._concurrency(dest)
+                    is_remote = dest.startswith("remote:")
+                    while jobs and active.get(dest, 0) < limit:
+                        if is_remote and remote_total >= self.config.remote.max_parallel:
+                            break
+                        remote_total += is_remote
+                        job = jobs.popleft()
+                        active[dest] = active.get(dest, 0) + 1
+                        futures[pool.submit(self.run_job, job)] = job
                 if not futures:
                     break
                 done, _ = wait(list(futures), timeout=0.2, return_when=FIRST_COMPLETED)
                 for fut in done:
                     job = futures.pop(fut)
+                    active[self._destination(job)] -= 1
                     try:
                         results = fut.result()
                     except Exception:
