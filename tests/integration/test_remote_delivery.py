@@ -487,3 +487,27 @@ def test_undeliverable_bounce_goes_to_postmaster(tmp_path: Path, processes: Proc
     assert "reject-sender@example.net" in double.as_string()
     wait_for(lambda: inst.spool_entries() == [], timeout=10)
     assert len(inst.messages("postmaster")) == 1  # never a bounce of the double bounce
+
+
+def test_delay_warning_sent_once(tmp_path: Path, processes: Processes) -> None:
+    peer = start_peer(processes, tmp_path, "--always-tempfail")
+    inst = remote_instance(
+        tmp_path,
+        free_port(),
+        9,
+        remote={"routes": {"example.net": f"[127.0.0.1]:{peer.port}"}},
+        queue={"retry": ["1s"], "warn_after": "2s"},
+    )
+    inst.start(processes, retry_interval=0.5)
+    res = inst.sendmail("-f", "alice@example.org", "a@example.net", data=b"Subject: slow\n\nx\n")
+    assert res.returncode == 0
+    wait_for(lambda: inst.messages("alice"), timeout=30)
+    [warning] = _bounces(inst, "alice")
+    assert warning["Subject"].startswith("Delayed Mail")
+    report = list(warning.iter_parts())[1].get_payload()
+    assert report[1]["Action"] == "delayed"
+    # Still queued and retried, but no second warning.
+    first_attempts = inst.run("mailgrave", "queue").stdout.decode()
+    assert "<a@example.net> pending" in first_attempts
+    wait_for(lambda: len(peer.events("ehlo")) >= 5, timeout=30)
+    assert len(inst.messages("alice")) == 1
