@@ -159,13 +159,14 @@ def expand_user(config: Config, target: Target, fd: int, sender: str, rcpt: str,
         elif _is_self(config, pw, item):
             t = Target("own", pw.pw_name, pw.pw_name)
         else:
-            forwards.append(item if "@" in item else f"{item}@{config.origin or config.hostname}")
+            name = item.lstrip("\\")
+            forwards.append(name if "@" in name else f"{name}@{config.origin or config.hostname}")
             continue
         results.append(_run_child(config, t, fd, sender, rcpt, qid))
     if forwards:
         results.append(
             _run_child(
-                config, Target("forward", ",".join(forwards), pw.pw_name), fd, sender, rcpt, qid
+                config, Target("forward", "\0".join(forwards), pw.pw_name), fd, sender, rcpt, qid
             )
         )
     return _combine(results)
@@ -203,7 +204,7 @@ def deliver_target(
     if target.kind == "pipe":
         return mailbox.pipe(target.value, fd, prefix, env)
     if target.kind == "forward":
-        return _forward(config, fd, sender, rcpt, target.value.split(","))
+        return _forward(config, fd, sender, rcpt, target.value.split("\0"))
     if target.kind == "own":
         return _own_mailbox(config, pw, fd, sender, prefix)
     raise TempFail(f"4.3.0 unknown delivery kind {target.kind}")
