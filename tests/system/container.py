@@ -119,18 +119,29 @@ class Container:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not self.leader:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"systemd-nspawn did not start:\n{self.log.read_text()}")
-            children = host("pgrep", "-P", str(self.proc.pid), check=False).stdout.split()
-            self.leader = int(children[0]) if children else 0
-            time.sleep(0.1)
         state = ""
         while state not in ("running", "degraded"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"container did not boot ({state}):\n{self.log.read_text()}")
             time.sleep(0.3)
-            state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+            # nspawn's first child may be a short-lived helper: the leader is its
+            # child that runs systemd (looked up again until the state answers).
+            self.leader = self._find_leader()
+            if self.leader:
+                result = self.run("systemctl", "is-system-running", check=False)
+                state = result.stdout.strip()
+
+    def _find_leader(self) -> int:
+        assert self.proc is not None
+        children = host("pgrep", "-P", str(self.proc.pid), check=False).stdout.split()
+        for pid in children:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm == "systemd":
+                return int(pid)
+        return 0
 
     def run(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
