@@ -93,3 +93,10 @@ system-test: venv deb
 
 clean:
 	rm -rf $(VENV) run build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# MailGrave against Postfix on loopback (root): installs Postfix without starting
+# it, runs both side by side, prints the table; Postfix is stopped at the end.
+bench: venv
+	bench/install-postfix.sh
+	$(BIN)/python -m pip install -q --disable-pip-version-check py-spy
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
