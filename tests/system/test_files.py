@@ -3,6 +3,7 @@ sysusers and tmpfiles agree with the code and with each other."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -34,6 +35,27 @@ def test_shipped_config_is_valid_and_its_comments_show_the_defaults() -> None:
     for name in ("smtpd", "local", "queue", "remote", "relay_networks", "spool", "run_dir"):
         assert getattr(every, name) == getattr(defaults, name), name
     assert every.local_domains == ()
+
+
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        if "section" in f.metadata:
+            out += _keys(f.metadata["section"], f"{prefix}{f.name}.")
+        elif f.metadata:
+            out.append(prefix + f.name)
+    return out
+
+
+def test_every_setting_is_in_the_shipped_config_and_the_man_page() -> None:
+    text = (ROOT / "etc" / "mailgrave.yaml").read_text()
+    page = (ROOT / "docs" / "man" / "mailgrave.yaml.5").read_text().replace("\\-", "-")
+    keys = _keys(configmod.Config)
+    assert len(keys) > 40
+    for key in keys:
+        leaf = key.rsplit(".", 1)[-1]
+        assert re.search(rf"^#\s*{leaf}:", text, re.M), f"{key} not in etc/mailgrave.yaml"
+        assert re.search(rf"^\.B[IR]? .*\b{leaf}\b", page, re.M), f"{key} not in mailgrave.yaml(5)"
 
 
 @pytest.mark.parametrize("page", MAN, ids=lambda p: p.name)
