@@ -68,6 +68,7 @@ class Client:
     extensions: dict[str, str] = field(default_factory=dict)
     tls: bool = False
     authenticated: bool = False
+    broken: bool = False  # timed out or failed: QUIT would only wait in vain
     _buf: bytes = b""
 
     # --- low level ---------------------------------------------------------------
@@ -75,9 +76,11 @@ class Client:
     def _readline(self) -> bytes:
         while b"\n" not in self._buf:
             if len(self._buf) > MAX_LINE:
+                self.broken = True
                 raise SMTPError("reply line too long", "reply", False)
             data = self.sock.recv(4096)
             if not data:
+                self.broken = True
                 raise SMTPError("connection closed by the server", "reply", False)
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
@@ -91,17 +94,21 @@ class Client:
                 raw = self._readline()
                 text = raw.decode("utf-8", "replace")
                 if len(text) < 3 or not text[:3].isdigit():
+                    self.broken = True
                     raise SMTPError(f"malformed reply to {stage}", stage, False)
                 lines.append(text[4:])
                 if len(lines) > MAX_REPLY_LINES:
+                    self.broken = True
                     raise SMTPError(f"reply to {stage} too long", stage, False)
                 if text[3:4] != "-":
                     reply = Reply(int(text[:3]), tuple(lines))
                     self.transcript.append(f"<<< {reply.text}"[:500])
                     return reply
         except TimeoutError:
+            self.broken = True
             raise SMTPError(f"timeout waiting for the reply to {stage}", stage, False) from None
         except OSError as exc:
+            self.broken = True
             raise SMTPError(
                 f"connection failed during {stage}: {exc.strerror or exc}", stage, False
             ) from None
@@ -111,6 +118,7 @@ class Client:
         try:
             self.sock.sendall(line.encode("utf-8", "surrogateescape") + b"\r\n")
         except OSError as exc:
+            self.broken = True
             raise SMTPError(
                 f"connection failed: {exc.strerror or exc}", line.split(" ")[0], False
             ) from None
@@ -152,6 +160,7 @@ class Client:
         try:
             self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
         except (OSError, ValueError) as exc:
+            self.broken = True
             reason = getattr(exc, "reason", None) or getattr(exc, "verify_message", None) or exc
             raise SMTPError(f"TLS with {self.name} failed: {reason}", "STARTTLS", False) from None
         self._buf = b""
@@ -236,8 +245,10 @@ class Client:
                 self.sock.sendall(chunk)
             self.sock.sendall(b".\r\n")
         except TimeoutError:
+            self.broken = True
             raise SMTPError("timeout while sending the message", "DATA", False) from None
         except OSError as exc:
+            self.broken = True
             raise SMTPError(
                 f"connection failed while sending the message: {exc.strerror or exc}", "DATA", False
             ) from None
@@ -256,8 +267,9 @@ class Client:
 
     def quit(self) -> None:
         try:
-            self.send("QUIT")
-            self.read_reply(5.0, "QUIT")
+            if not self.broken:
+                self.send("QUIT")
+                self.read_reply(5.0, "QUIT")
         except SMTPError:
             pass
         finally:
