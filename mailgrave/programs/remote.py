@@ -145,7 +145,9 @@ class Delivery:
                 client.starttls(self._context(verify), hop.host if verify else None, helo)
             if smart and self.login:
                 client.auth(self.login, smarthost_password(self.config))
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, SMTPError):
+                exc.transcript = list(client.transcript)
             client.quit()
             raise
         return client
@@ -178,16 +180,22 @@ class Delivery:
                         if client is not None:
                             transcript += client.transcript[start if not fresh else 0 :]
                             client.quit()
+                        else:
+                            transcript += exc.transcript
                         if exc.reply is None and not fresh and exc.stage != "DATA":
                             continue  # a cached session had gone stale: open a new one
-                        if exc.reply is not None or exc.permanent:
+                        setup = exc.stage in ("the greeting", "HELO")
+                        if exc.permanent or (exc.reply is not None and not setup):
                             code = "D" if exc.permanent else "Z"
                             return [(code, exc.text)] * len(rcpts), transcript
-                        last = exc.text
+                        last = exc.text  # no answer, or "try later" at once: the next host
                         break
                     transcript += client.transcript[start:]
                     client.transcript.clear()
-                    self.sessions.give(key, client)
+                    if client.broken:
+                        client.quit()
+                    else:
+                        self.sessions.give(key, client)
                     return results, transcript
         return [("Z", last)] * len(rcpts), transcript
 

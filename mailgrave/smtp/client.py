@@ -55,6 +55,7 @@ class SMTPError(Exception):
         self.stage = stage
         self.permanent = permanent
         self.reply = reply
+        self.transcript: list[str] = []  # of a session that failed before it was handed out
 
 
 @dataclass
@@ -235,6 +236,18 @@ class Client:
         if all(r is not None for r in results):
             self.reset()
             return [r for r in results if r is not None]
+        try:
+            return self._data(message, results)
+        except SMTPError as exc:
+            if all(r is None for r in results):
+                raise
+            # recipients refused at RCPT keep their own answer
+            failed = ("D" if exc.permanent else "Z", exc.text)
+            return [r if r is not None else failed for r in results]
+
+    def _data(
+        self, message: Iterator[bytes], results: list[tuple[str, str] | None]
+    ) -> list[tuple[str, str]]:
         self.send("DATA")
         reply = self.read_reply(self.timeouts.data_init, "DATA")
         if reply.code != 354:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Instance, Processes, program, wait_for
+from tests.integration.dnsserver import dns_server
 
 
 class SinkHandler(socketserver.StreamRequestHandler):
@@ -33,7 +34,10 @@ class SinkHandler(socketserver.StreamRequestHandler):
         if sink.mode == "hang":
             sink.release.wait(20)
             return
-        self.say("220 sink.test ESMTP")
+        self.say(sink.greeting)
+        if not sink.greeting.startswith("220"):
+            self.rfile.readline()  # QUIT, probably
+            return
         rcpts: list[str] = []
         sender = ""
         while line := self.rfile.readline():
@@ -79,9 +83,12 @@ class Sink(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, mode: str = "normal") -> None:
-        super().__init__(("127.0.0.1", 0), SinkHandler)
+    def __init__(
+        self, mode: str = "normal", greeting: str = "220 sink.test ESMTP", address: Any = None
+    ) -> None:
+        super().__init__(address or ("127.0.0.1", 0), SinkHandler)
         self.mode = mode
+        self.greeting = greeting
         self.lock = threading.Lock()
         self.release = threading.Event()
         self.connections = 0
@@ -287,6 +294,42 @@ def test_relay_login_without_tls_never_sends_the_password(tmp_path: Path, sink: 
     assert res.returncode == 111
     assert sink.messages == [] and not any(c.upper().startswith("AUTH") for c in sink.commands)
     assert b"s3cret" not in res.stdout + res.stderr
+
+
+def test_a_busy_host_is_skipped_for_the_next_one_and_a_refusal_is_kept_in_the_transcript(
+    tmp_path: Path, sink: Sink
+) -> None:
+    busy = Sink(greeting="421 4.3.2 too busy", address=("127.0.0.2", sink.port))
+    refusing = Sink(greeting="554 5.7.1 no mail from you")
+    zone = {
+        "example.net": [("MX", 10, "busy.test."), ("MX", 20, "good.test.")],
+        "busy.test": [("A", "127.0.0.2")],
+        "good.test": [("A", "127.0.0.1")],
+        "refusing.test": [("A", "127.0.0.1")],
+    }
+    try:
+        with dns_server(zone) as (dns_port, _):
+            dns = {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"}
+            inst = Instance(tmp_path, remote={"port": sink.port, "dns": dns})
+            res = inst.run(
+                "mailgrave-remote", "--sender", "a@example.org", "x@example.net", input=b"x\n"
+            )
+            assert res.returncode == 0, res.stdout
+            assert busy.connections == 1 and sink.connections == 1
+            assert [r for _, r, _ in sink.messages] == [["x@example.net"]]
+            assert b"|<<< 421 4.3.2 too busy" in res.stdout
+            (tmp_path / "r").mkdir()
+            inst = Instance(tmp_path / "r", remote={"port": refusing.port, "dns": dns})
+            res = inst.run(
+                "mailgrave-remote", "--sender", "a@example.org", "x@refusing.test", input=b"x\n"
+            )
+    finally:
+        busy.close()
+        refusing.close()
+    assert res.returncode == 100
+    out = res.stdout.decode()
+    assert "|<<< 554 5.7.1 no mail from you" in out
+    assert f"Drefusing.test[127.0.0.1]:{refusing.port} said: 554 5.7.1 no mail from you" in out
 
 
 def test_config_error_and_help(tmp_path: Path) -> None:

@@ -380,3 +380,34 @@ def test_wire_format_streams_a_huge_line_in_bounded_pieces() -> None:
     pieces = wire_format(block for _ in range(200))  # 13 MB without a line end
     sizes = [len(p) for p in pieces]
     assert max(sizes) <= 65536 + 3 and sum(sizes) == 200 * 65536 + 2
+
+
+@pytest.mark.parametrize("final", ["554 5.6.0 content refused", "drop"])
+def test_a_failed_data_phase_leaves_refused_recipients_their_own_answer(final: str) -> None:
+    def script(p: Peer) -> None:
+        p.say("220 mx.test")
+        p.read()
+        p.say(*EHLO_ALL)
+        for _ in range(3):
+            p.read()
+        p.say("250 ok", "550 5.1.1 no such user", "250 ok")
+        p.read()
+        p.say("354 go")
+        p.data()
+        if final != "drop":
+            p.say(final)
+
+    peer = Peer(script)
+    client = peer.connect()
+    client.greet("me.test")
+    results = client.deliver("s@a.test", ["bad@b.test", "ok@b.test"], message(b"x\n"), 2, False)
+    peer.finish()
+    assert results[0][0] == "D" and "550 5.1.1" in results[0][1]
+    if final == "drop":
+        assert results[1][0] == "Z" and client.broken  # not to be reused
+    else:
+        assert results[1] == (
+            "D",
+            f"{client.name} said: 554 5.6.0 content refused (in reply to end of DATA)",
+        )
+        assert not client.broken
