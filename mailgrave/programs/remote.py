@@ -115,7 +115,8 @@ class Delivery:
             return hops(cfg, domain)
         return hops(self.config, domain)
 
-    def _open(self, hop: Hop, address: str) -> Client:
+    def _open(self, hop: Hop, address: str, plain: bool = False) -> Client:
+        """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS."""
         helo = self.config.remote.helo or self.config.hostname
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -140,9 +141,18 @@ class Delivery:
                 raise SMTPError(
                     f"{name} does not offer STARTTLS (remote.tls: {policy})", "STARTTLS", False
                 )
-            if offered and policy != "none":
+            if offered and policy != "none" and not plain:
                 verify = policy == "verify"
-                client.starttls(self._context(verify), hop.host if verify else None, helo)
+                try:
+                    client.starttls(self._context(verify), hop.host if verify else None, helo)
+                except SMTPError as exc:
+                    if policy != "opportunistic":
+                        raise
+                    # as Postfix's "may": better plaintext than no delivery at all
+                    log.info("%s; trying again without TLS", exc.text)
+                    if exc.reply is None:  # the handshake failed: the session is lost
+                        client.quit()
+                        return self._open(hop, address, plain=True)
             if smart and self.login:
                 client.auth(self.login, smarthost_password(self.config))
         except BaseException as exc:

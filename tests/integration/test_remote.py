@@ -47,6 +47,8 @@ class SinkHandler(socketserver.StreamRequestHandler):
                 sink.commands.append(cmd)
             if verb == "EHLO":
                 self.say("250-sink.test")
+                if sink.mode == "badtls":
+                    self.say("250-STARTTLS")
                 self.say("250-PIPELINING")
                 self.say("250 8BITMIME")
             elif verb == "MAIL":
@@ -70,6 +72,10 @@ class SinkHandler(socketserver.StreamRequestHandler):
                     sink.messages.append((sender, rcpts, body))
                     n = len(sink.messages)
                 self.say(f"250 2.0.0 queued as S{n}")
+            elif verb == "STAR" and sink.mode == "badtls":
+                self.say("220 2.0.0 go ahead")
+                self.say("this is not a TLS server hello")
+                return
             elif verb == "QUIT":
                 self.say("221 bye")
                 return
@@ -330,6 +336,28 @@ def test_a_busy_host_is_skipped_for_the_next_one_and_a_refusal_is_kept_in_the_tr
     out = res.stdout.decode()
     assert "|<<< 554 5.7.1 no mail from you" in out
     assert f"Drefusing.test[127.0.0.1]:{refusing.port} said: 554 5.7.1 no mail from you" in out
+
+
+@pytest.mark.parametrize("policy", ["opportunistic", "required"])
+def test_a_failed_tls_handshake_falls_back_to_plaintext_only_when_opportunistic(
+    tmp_path: Path, policy: str
+) -> None:
+    bad = Sink("badtls")
+    try:
+        inst = instance(tmp_path, bad, tls=policy)
+        res = inst.run(
+            "mailgrave-remote", "--sender", "a@example.org", "x@example.net", input=b"x\n"
+        )
+    finally:
+        bad.close()
+    lines = [x for x in res.stdout.decode().splitlines() if not x.startswith("|")]
+    if policy == "opportunistic":
+        assert res.returncode == 0, lines
+        assert bad.connections == 2 and len(bad.messages) == 1
+        assert bad.commands.count("STARTTLS") == 1  # not again on the plaintext retry
+    else:
+        assert res.returncode == 111 and "TLS" in lines[0]
+        assert bad.messages == []
 
 
 def test_config_error_and_help(tmp_path: Path) -> None:
