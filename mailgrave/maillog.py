@@ -71,3 +71,18 @@ def removed(qid: str, reason: str) -> None:
 def rejected(stage: str, client: str, reason: str, **fields: object) -> None:
     """A refusal by smtpd or inject; ``reason`` must already be quoted where it is client text."""
     _emit(logging.INFO, f"reject {stage} from {client}: {reason}", status="rejected", **fields)
+
+
+def attempt(qid: str, rcpt: str, agent: str, line: str) -> None:
+    """What a delivery agent (local, remote) did for one recipient: its K/Z/D result line.
+
+    mailgrave-send logs the decision (delivered / deferred / failed) with
+    MAILGRAVE_STATUS; this line is the agent's own account of the attempt.
+    """
+    outcome = {"K": "ok", "Z": "temporary failure", "D": "permanent failure"}.get(line[:1], "?")
+    _emit(
+        logging.INFO if line[:1] == "K" else logging.WARNING,
+        f"{qid}: {agent} to=<{rcpt}> {outcome}: {quote(line[1:], 300)}",
+        qid=qid,
+        rcpt=rcpt,
+    )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 from mailgrave.envelope import Envelope
 from mailgrave.errors import PermFail, TempFail
 
 CHUNK = 64 * 1024
 REPLY_TIMEOUT = 120.0
+CONNECT_PATIENCE = 10.0
 
 
 def encode_attrs(attrs: dict[str, str]) -> bytes:
@@ -42,11 +44,21 @@ class QueueClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(REPLY_TIMEOUT)
         self._early: bytes | None = None
-        try:
-            self.sock.connect(path)
-        except OSError as exc:
-            self.sock.close()
-            raise TempFail("cannot reach the queue (mailgrave-queue not running?)") from exc
+        deadline = time.monotonic() + CONNECT_PATIENCE
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:
+                # The queue's backlog is full for an instant (a burst): wait a little.
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                self.sock.close()
+                raise TempFail("the queue is overloaded") from None
+            except OSError as exc:
+                self.sock.close()
+                raise TempFail("cannot reach the queue (mailgrave-queue not running?)") from exc
         self._send(encode_attrs(attrs) + envelope.encode())
 
     def _send(self, data: bytes) -> None:

@@ -344,6 +344,10 @@ def main(argv: list[str] | None = None, prog: str = "mailgrave-inject") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; message not sent", file=sys.stderr)
         return EX_TEMPFAIL
+    except OSError as exc:
+        # Reading standard input or talking to the queue failed: nothing was queued.
+        print(f"{prog}: {exc.strerror or exc}; message not sent, try again later", file=sys.stderr)
+        return EX_TEMPFAIL
     if opts.verbose:
         print(f"{prog}: queued as {qid}", file=sys.stderr)
     return EX_OK

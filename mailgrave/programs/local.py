@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
+from mailgrave import maillog
 from mailgrave.config import Config
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, DeliveryError, PermFail, TempFail
 from mailgrave.local import mailbox
@@ -279,10 +280,13 @@ def deliver(config: Config, router: Router, fd: int, sender: str, rcpt: str, qid
             raise PermFail("5.4.6 mail loop: message already delivered to this address")
         targets = router.resolve(rcpt)
     except DeliveryError as exc:
+        maillog.attempt(qid, rcpt, "local", exc.code + exc.text)
         return exc.code + exc.text
     except OSError:
         return "Z4.3.0 cannot read the message"
-    return _combine([_run_child(config, t, fd, sender, rcpt, qid) for t in targets])
+    line = _combine([_run_child(config, t, fd, sender, rcpt, qid) for t in targets])
+    maillog.attempt(qid, rcpt, "local", line)
+    return line
 
 
 # --- local.ctrl -----------------------------------------------------------------
