@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 MAX_REPLY_LINES = 100
 MAX_LINE = 2048
+# a peer's reply goes into result lines, the queue and logs: no control characters
+_PRINTABLE = {c: "?" for c in [*range(32), 127]} | {9: " "}
 
 
 @dataclass
@@ -93,7 +95,7 @@ class Client:
         try:
             while True:
                 raw = self._readline()
-                text = raw.decode("utf-8", "replace")
+                text = raw.decode("utf-8", "replace").translate(_PRINTABLE)
                 if len(text) < 3 or not text[:3].isdigit():
                     self.broken = True
                     raise SMTPError(f"malformed reply to {stage}", stage, False)

@@ -411,3 +411,21 @@ def test_a_failed_data_phase_leaves_refused_recipients_their_own_answer(final: s
             f"{client.name} said: 554 5.6.0 content refused (in reply to end of DATA)",
         )
         assert not client.broken
+
+
+def test_control_characters_in_replies_never_reach_results_or_transcript() -> None:
+    def script(p: Peer) -> None:
+        p.say("220 mx.test")
+        p.read()
+        p.say(*EHLO_ALL)
+        p.read()
+        p.read()
+        p.say("250 ok", "550 5.1.1 \x1b[31mred\x00\rno\tuser")
+
+    peer = Peer(script)
+    client = peer.connect()
+    client.greet("me.test")
+    [(code, text)] = client.deliver("s@a.test", ["x@b.test"], message(b"x\n"), 2, False)
+    peer.finish()
+    assert code == "D" and "550 5.1.1 ?[31mred??no user" in text
+    assert all(c.isprintable() for line in client.transcript for c in line)
