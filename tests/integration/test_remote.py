@@ -92,7 +92,10 @@ class Sink(socketserver.ThreadingTCPServer):
     def __init__(
         self, mode: str = "normal", greeting: str = "220 sink.test ESMTP", address: Any = None
     ) -> None:
-        super().__init__(address or ("127.0.0.1", 0), SinkHandler)
+        address = address or ("127.0.0.1", 0)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, SinkHandler)
         self.mode = mode
         self.greeting = greeting
         self.lock = threading.Lock()
@@ -358,6 +361,37 @@ def test_a_failed_tls_handshake_falls_back_to_plaintext_only_when_opportunistic(
     else:
         assert res.returncode == 111 and "TLS" in lines[0]
         assert bad.messages == []
+
+
+def test_ipv6_by_aaaa_and_ip_version_switch(tmp_path: Path, sink: Sink) -> None:
+    six = Sink(address=("::1", sink.port))
+    zone = {
+        "both.test": [("A", "127.0.0.1"), ("AAAA", "::1")],
+        "v4only.test": [("A", "127.0.0.1")],
+    }
+    got = {}
+    try:
+        with dns_server(zone) as (dns_port, _):
+            for version in ("any", "4", "6"):
+                (tmp_path / version).mkdir()
+                dns = {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"}
+                inst = Instance(
+                    tmp_path / version,
+                    remote={"port": sink.port, "dns": dns, "ip_version": version},
+                )
+                for rcpt in (f"{version}@both.test", f"{version}@v4only.test"):
+                    res = inst.run("mailgrave-remote", "--sender", "", rcpt, input=b"x\n")
+                    got[rcpt] = (res.returncode, len(six.messages), len(sink.messages))
+    finally:
+        six.close()
+    assert got == {
+        "any@both.test": (0, 1, 0),  # IPv6 first
+        "any@v4only.test": (0, 1, 1),
+        "4@both.test": (0, 1, 2),
+        "4@v4only.test": (0, 1, 3),
+        "6@both.test": (0, 2, 3),
+        "6@v4only.test": (111, 2, 3),  # no IPv6 address: try later
+    }
 
 
 def test_config_error_and_help(tmp_path: Path) -> None:
