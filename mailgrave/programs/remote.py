@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
+from mailgrave import maillog
 from mailgrave.config import Config
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, DeliveryError
 from mailgrave.route import Hop, hops, smarthost_password
@@ -252,6 +253,8 @@ def serve_connection(delivery: Delivery, sock: socket.socket) -> None:
                 os.close(fd)
         if any(code != "K" for code, _ in results) and transcript:
             log.info("%s: transcript: %s", qid, " | ".join(transcript)[:2000])
+        for rcpt, (code, text) in zip(rcpts, results, strict=True):
+            maillog.attempt(qid, rcpt, "remote", code + text)
         lines = [f"|{t}" for t in transcript[-50:]]
         lines += [f"{code}{' '.join(text.split())}" for code, text in results]
         out.write("".join(line + "\n" for line in lines).encode("utf-8", "replace"))
