@@ -187,7 +187,11 @@ class Client:
         else:
             raise SMTPError(f"{self.name} offers no AUTH PLAIN or LOGIN", "AUTH", False)
         if reply.code != 235:
-            raise self._fail(reply, "AUTH")
+            # never permanent (Postfix's smtp_sasl_auth_soft_bounce): a wrong password in
+            # our own configuration must not bounce the mail
+            err = self._fail(reply, "AUTH")
+            err.permanent = False
+            raise err
         self.authenticated = True
 
     def deliver(
@@ -203,6 +207,13 @@ class Client:
         if needs_smtputf8 and "SMTPUTF8" not in self.extensions:
             raise SMTPError(
                 f"{self.name} does not support SMTPUTF8, which this message needs",
+                "MAIL FROM",
+                True,
+            )
+        limit = self.extensions.get("SIZE", "")
+        if limit.isdigit() and 0 < int(limit) < size:
+            raise SMTPError(
+                f"{self.name} accepts at most {limit} bytes, the message has {size}",
                 "MAIL FROM",
                 True,
             )

@@ -429,3 +429,39 @@ def test_control_characters_in_replies_never_reach_results_or_transcript() -> No
     peer.finish()
     assert code == "D" and "550 5.1.1 ?[31mred??no user" in text
     assert all(c.isprintable() for line in client.transcript for c in line)
+
+
+def test_a_message_over_the_advertised_size_is_refused_before_mail_from() -> None:
+    def script(p: Peer) -> None:
+        p.say("220 mx.test")
+        p.read()
+        p.say("250-mx.test", "250 SIZE 1000")
+        assert p.read() == b""  # nothing sent
+
+    peer = Peer(script)
+    client = peer.connect()
+    client.greet("me.test")
+    with pytest.raises(SMTPError) as err:
+        client.deliver("s@a.test", ["x@b.test"], message(b"x\n"), 1001, False)
+    assert err.value.permanent and "at most 1000 bytes" in err.value.text
+    client.sock.close()
+    peer.finish()
+
+
+def test_a_refused_login_is_temporary_not_a_bounce() -> None:
+    def script(p: Peer) -> None:
+        p.say("220 mx.test")
+        p.read()
+        p.say("250-mx.test", "250 AUTH PLAIN")
+        p.read()
+        p.say("535 5.7.8 authentication failed")
+
+    peer = Peer(script)
+    client = peer.connect()
+    client.greet("me.test")
+    client.tls = True
+    with pytest.raises(SMTPError) as err:
+        client.auth("user", "wrong")
+    peer.finish()
+    assert not err.value.permanent and "535 5.7.8" in err.value.text
+    assert not client.authenticated
