@@ -367,3 +367,15 @@ def load(path: str | None = None) -> Config:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
         raise ConfigError([f"{path}: cannot read: {reason.lower()}"]) from None
     return parse_text(text, path)
+
+
+def load_or_exit(path: str | None, prog: str, status: int = 111) -> Config:
+    """:func:`load` for a program's start: each problem on one line of stderr, then exit."""
+    import sys
+
+    try:
+        return load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{prog}: {problem}", file=sys.stderr)
+        raise SystemExit(status) from None

@@ -8,7 +8,7 @@ import sys
 import time
 
 from mailgrave import config as configmod
-from mailgrave.errors import EXIT_OK, EXIT_TEMP
+from mailgrave.errors import EXIT_OK
 
 EXIT_USAGE = 64
 
@@ -231,12 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check":
         return cmd_check(args)
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"mailgrave: {problem}", file=sys.stderr)
-        return EXIT_TEMP
+    config = configmod.load_or_exit(args.config, "mailgrave")
     if args.command == "run":
         return cmd_run(args)
     action = args.action or "list"

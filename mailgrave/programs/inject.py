@@ -327,12 +327,7 @@ def main(argv: list[str] | None = None, prog: str = "mailgrave-inject") -> int:
         return cli.main([*(["--config", opts.config] if opts.config else []), *sub])
     if opts.mode == "noop":
         return EX_OK  # newaliases: /etc/aliases is read directly, nothing to rebuild
-    try:
-        config = configmod.load(opts.config)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{prog}: {problem}", file=sys.stderr)
-        return EX_CONFIG
+    config = configmod.load_or_exit(opts.config, prog, EX_CONFIG)
     try:
         qid = submit(opts, config, sys.stdin.buffer)
     except PermFail as exc:

@@ -429,12 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
     logmod.setup("local", args.debug)
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"mailgrave-local: {problem}", file=sys.stderr)
-        return EXIT_TEMP
+    config = configmod.load_or_exit(args.config, "mailgrave-local")
     if args.recipients:
         return by_hand(config, args.sender, args.qid, args.recipients)
     from mailgrave.sd import listen_fds, stdin_socket

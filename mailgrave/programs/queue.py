@@ -372,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     args = parser.parse_args(argv)
     logmod.setup("queue", args.debug)
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"mailgrave-queue: {problem}", file=sys.stderr)
-        return EXIT_TEMP
+    config = configmod.load_or_exit(args.config, "mailgrave-queue")
     try:
         queue = Queue(config)
     except OSError as exc:

@@ -345,12 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
     logmod.setup("remote", args.debug)
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"mailgrave-remote: {problem}", file=sys.stderr)
-        return EXIT_TEMP
+    config = configmod.load_or_exit(args.config, "mailgrave-remote")
     override = args.host
     if args.relay:
         override = f"{args.relay}:{args.port or config.remote.smarthost.port}"

@@ -475,12 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     args = parser.parse_args(argv)
     logmod.setup("send", args.debug)
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(f"mailgrave-send: {problem}", file=sys.stderr)
-        return EXIT_TEMP
+    config = configmod.load_or_exit(args.config, "mailgrave-send")
     spool = Spool(config.spool)
     if not os.path.isdir(spool.path("todo")):
         print(f"mailgrave-send: no spool at {config.spool}", file=sys.stderr)

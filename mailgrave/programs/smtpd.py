@@ -446,12 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", metavar="N", type=int, help="listen on TCP port N")
     parser.add_argument("--debug", action="store_true", help="log debugging details")
     args = parser.parse_args(argv)
-    try:
-        config = configmod.load(args.config)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_TEMP
+    config = configmod.load_or_exit(args.config, "mailgrave-smtpd")
     from mailgrave import log as logsetup
 
     logsetup.setup("smtpd", debug=args.debug)
