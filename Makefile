@@ -99,4 +99,4 @@ clean:
 bench: venv
 	bench/install-postfix.sh
 	$(BIN)/python -m pip install -q --disable-pip-version-check py-spy
-	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench.py --profile build/bench/profile $(BENCH_ARGS)

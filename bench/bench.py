@@ -347,7 +347,11 @@ class MailGrave(System):
         args += ["--listen", f"127.0.0.1:{self.port}"]
         with (self.base / "run.log").open("wb") as errlog:
             self.proc = subprocess.Popen(
-                args, stdout=subprocess.DEVNULL, stderr=errlog, start_new_session=True
+                args,
+                stdout=subprocess.DEVNULL,
+                stderr=errlog,
+                start_new_session=True,
+                env=mailgrave_env(),
             )
         wait_for(lambda: connectable(self.port) or self.proc.poll() is not None, 30, "MailGrave")  # type: ignore[union-attr]
         if self.proc.poll() is not None:
@@ -379,6 +383,26 @@ class MailGrave(System):
 
     def smtpd_connection_pids(self, before: set[int]) -> list[int]:
         return [p for p in tree(self.root_pid()) if p not in before]
+
+
+SOURCE: Path | None = None  # --source: a snapshot of the package instead of the checkout
+
+
+def mailgrave_env() -> dict[str, str]:
+    """The environment MailGrave runs with: bytecode caches on, as in a package install.
+
+    With PYTHONDONTWRITEBYTECODE every per-connection child would compile the
+    modules it imports lazily after the fork.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    if SOURCE:
+        env["PYTHONPATH"] = str(SOURCE)
+    return env
+
+
+def precompile() -> None:
+    pkg = (SOURCE or ROOT) / "mailgrave"
+    subprocess.run([str(VENV_BIN / "python"), "-m", "compileall", "-q", str(pkg)], check=True)
 
 
 class Sink:
@@ -624,6 +648,34 @@ def measure_throughput(
     return n / accept_s, n / total, n
 
 
+def profile(mg: MailGrave, args: argparse.Namespace, *recipients: str) -> str:
+    """py-spy (wall-clock samples, all MailGrave processes) during one more load, summarised."""
+    spy = VENV_BIN / "py-spy"
+    if not spy.exists():
+        return "py-spy not installed (make bench installs it)"
+    out = []
+    for to in recipients:
+        mg.wait_idle(300)
+        raw = Path(args.profile + f".{to.split('@')[1]}.txt").resolve()
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [str(spy), "record", "--pid", str(mg.root_pid()), "--subprocesses", "--nonblocking"]
+        cmd += ["--rate", "250", "--format", "raw", "-o", str(raw)]
+        rec = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.5)
+        smtp_source(mg.port, args.count // 2, 50, 1, 2048, to)
+        mg.wait_idle(300)
+        rec.send_signal(signal.SIGINT)
+        rec.wait(60)
+        from pyspy_summary import summarise
+
+        out.append(f"### py-spy, 50 sessions, 2 KB, to {to} ({raw})\n{summarise(str(raw), 8)}")
+    return "\n\n".join(out)
+
+
 def run(args: argparse.Namespace) -> str:
     base = Path(tempfile.mkdtemp(prefix="mailgrave-bench-", dir=args.workdir))
     os.chmod(base, 0o755)
@@ -723,6 +775,7 @@ def run(args: argparse.Namespace) -> str:
             stdout=subprocess.DEVNULL,
             stderr=(base / "socket-activate.log").open("wb"),
             start_new_session=True,
+            env=mailgrave_env(),
         )
         try:
             wait_for(lambda: connectable(port), 30, "systemd-socket-activate")
@@ -735,6 +788,8 @@ def run(args: argparse.Namespace) -> str:
         table.add(
             "Accept=yes (interpreter per conn), 10 sess", args.count_accept / t, pf_10, "conn/s"
         )
+        if args.profile:
+            extra["profile"] = profile(mg, args, sink_to, local_to)
         if args.keep:
             log(f"kept {base}")
     finally:
@@ -748,7 +803,7 @@ def run(args: argparse.Namespace) -> str:
             shutil.rmtree(base, ignore_errors=True)
     out = table.render()
     if extra:
-        out += "\n\n" + "\n".join(f"{k}: {v}" for k, v in extra.items())
+        out += "\n\n" + "\n\n".join(f"{k}: {v}" for k, v in extra.items())
     return out
 
 
@@ -780,11 +835,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workdir", default="/var/tmp", help="where the scratch directory goes")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--source", help="run the mailgrave package from this directory (a snapshot)")
     p.add_argument("--json", help="also write the table here")
+    p.add_argument(
+        "--profile", metavar="PREFIX", help="py-spy MailGrave afterwards; raw files here"
+    )
     args = p.parse_args(argv)
     if os.getuid() != 0:
         print("bench: run as root (Postfix, delivery as nobody)", file=sys.stderr)
         return 1
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise SystemExit(f"bench: signal {signum}, stopping Postfix and MailGrave")
+
+    # Postfix and MailGrave are stopped in run()'s finally, also on these.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
+    global SOURCE
+    SOURCE = Path(args.source).resolve() if args.source else None
+    precompile()
     t0 = time.monotonic()
     header = f"Machine: {machine()}\nDisk: {disk(args.workdir)}"
     table = run(args)
