@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from mailgrave.config import Config
+from mailgrave.service import bind_unix
 from mailgrave.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,6 @@ class Service:
     pid: int = 0
     recent: list[float] = field(default_factory=list)
     limited: bool = False
-
-
-def bind_unix(path: str, mode: int) -> socket.socket:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, mode)
-    sock.listen(256)
-    return sock
 
 
 def bind_tcp(spec: str) -> socket.socket:

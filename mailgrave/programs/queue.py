@@ -14,7 +14,6 @@ import os
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -293,45 +292,10 @@ def _origin(attrs: dict[str, str], uid: int | None) -> str:
 
 def serve(queue: Queue, listeners: list[socket.socket], idle_exit: float) -> int:
     """Accept on every listener, one thread per submission; exit when idle."""
-    import selectors
+    from mailgrave.service import serve_threads
 
-    active = 0
-    lock = threading.Lock()
-    last_activity = time.monotonic()
-
-    def run(conn: socket.socket) -> None:
-        nonlocal active, last_activity
-        try:
-            serve_connection(queue, conn)
-        except Exception:
-            log.exception("unexpected error serving a submission")
-        finally:
-            conn.close()
-            with lock:
-                active -= 1
-                last_activity = time.monotonic()
-
-    sel = selectors.DefaultSelector()
-    for listener in listeners:
-        listener.setblocking(False)
-        sel.register(listener, selectors.EVENT_READ, listener)
-    while True:
-        events = sel.select(timeout=1.0)
-        for key, _ in events:
-            ready: socket.socket = key.data
-            try:
-                conn, _addr = ready.accept()
-            except (BlockingIOError, InterruptedError):
-                continue
-            conn.setblocking(True)
-            with lock:
-                active += 1
-                last_activity = time.monotonic()
-            threading.Thread(target=run, args=(conn,), daemon=True).start()
-        with lock:
-            idle = active == 0 and time.monotonic() - last_activity >= idle_exit
-        if idle and idle_exit > 0:
-            return EXIT_OK
+    serve_threads(listeners, lambda conn: serve_connection(queue, conn), idle_exit)
+    return EXIT_OK
 
 
 def by_hand(queue: Queue) -> int:
@@ -379,10 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailgrave-queue: cannot use spool {config.spool}: {exc.strerror}", file=sys.stderr)
         return EXIT_TEMP
     from mailgrave.sd import listen_fds, stdin_socket
+    from mailgrave.service import bind_unix
 
     listeners = listen_fds()
     if args.listen:
-        listeners.append(_bind_unix(args.listen))
+        listeners.append(bind_unix(args.listen, 0o666))
     if listeners:
         return serve(queue, listeners, config.queue.idle_exit)
     conn = stdin_socket()
@@ -390,18 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         serve_connection(queue, conn)
         return EXIT_OK
     return by_hand(queue)
-
-
-def _bind_unix(path: str) -> socket.socket:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o666)  # noqa: S103 - local users inject through it
-    sock.listen(128)
-    return sock
 
 
 if __name__ == "__main__":

@@ -262,48 +262,18 @@ def serve_connection(delivery: Delivery, sock: socket.socket) -> None:
 
 
 def serve(delivery: Delivery, listeners: list[socket.socket], idle_exit: float) -> int:
-    import selectors
+    from mailgrave.service import serve_threads
 
-    active = 0
-    lock = threading.Lock()
-    last = time.monotonic()
-
-    def run(conn: socket.socket) -> None:
-        nonlocal active, last
-        try:
-            serve_connection(delivery, conn)
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("mailgrave-send went away before reading the results")
-        except Exception:
-            log.exception("remote.ctrl connection failed")
-        finally:
-            conn.close()
-            with lock:
-                active -= 1
-                last = time.monotonic()
-
-    sel = selectors.DefaultSelector()
-    for listener in listeners:
-        listener.setblocking(False)
-        sel.register(listener, selectors.EVENT_READ, listener)
     try:
-        while True:
-            for key, _ in sel.select(timeout=1.0):
-                ready: socket.socket = key.data
-                try:
-                    conn, _ = ready.accept()
-                except (BlockingIOError, InterruptedError):
-                    continue
-                conn.setblocking(True)
-                with lock:
-                    active += 1
-                threading.Thread(target=run, args=(conn,), daemon=True).start()
-            delivery.sessions.expire()
-            with lock:
-                if active == 0 and idle_exit > 0 and time.monotonic() - last >= idle_exit:
-                    return EXIT_OK
+        serve_threads(
+            listeners,
+            lambda conn: serve_connection(delivery, conn),
+            idle_exit,
+            delivery.sessions.expire,
+        )
     finally:
         delivery.sessions.expire(everything=True)
+    return EXIT_OK
 
 
 def by_hand(delivery: Delivery, sender: str, rcpts: list[str]) -> int:
