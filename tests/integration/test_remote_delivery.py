@@ -7,12 +7,15 @@ import email
 import email.policy
 import json
 import subprocess
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import Instance, Processes, free_port, wait_for
+from tests.integration.dnsserver import dns_server
 
 PEERS = Path(__file__).resolve().parent.parent / "peers"
 PY = "/usr/bin/python3"
@@ -49,16 +52,16 @@ def start_peer(processes: Processes, tmp_path: Path, *args: str) -> Peer:
     return Peer(port, outdir)
 
 
-def start_dns(
-    processes: Processes, tmp_path: Path, zone: dict[str, Any], servfail: list[str] = []
-) -> int:
-    port = free_port()
-    zfile = tmp_path / f"zone-{port}.json"
-    zfile.write_text(json.dumps({"zone": zone, "servfail": servfail}))
-    ready = tmp_path / f"dns-{port}.ready"
-    processes.start([PY, str(PEERS / "dns_peer.py"), str(port), str(zfile), str(ready)])
-    wait_for(ready.exists)
-    return port
+@pytest.fixture
+def dns() -> Iterator[Callable[..., int]]:
+    """Start real DNS servers (tests/integration/dnsserver.py) for a test; stopped after it."""
+    with ExitStack() as stack:
+
+        def start(zone: dict[str, Any], servfail: Iterable[str] = ()) -> int:
+            port, _resolver = stack.enter_context(dns_server(zone, servfail))
+            return int(port)
+
+        yield start
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +151,10 @@ def remote_by_hand(
 
 
 def test_mx_lookup_one_transaction_and_per_recipient_results(
-    tmp_path: Path, processes: Processes
+    tmp_path: Path, processes: Processes, dns: Callable[..., int]
 ) -> None:
     peer = start_peer(processes, tmp_path)
-    inst = remote_instance(tmp_path, start_dns(processes, tmp_path, ZONE), peer.port)
+    inst = remote_instance(tmp_path, dns(ZONE), peer.port)
     rc, lines = remote_by_hand(
         inst,
         "a@example.net",
@@ -170,12 +173,10 @@ def test_mx_lookup_one_transaction_and_per_recipient_results(
 
 
 def test_no_mx_falls_back_to_a_null_mx_and_nxdomain_are_permanent(
-    tmp_path: Path, processes: Processes
+    tmp_path: Path, processes: Processes, dns: Callable[..., int]
 ) -> None:
     peer = start_peer(processes, tmp_path)
-    inst = remote_instance(
-        tmp_path, start_dns(processes, tmp_path, ZONE, servfail=["broken.example.net"]), peer.port
-    )
+    inst = remote_instance(tmp_path, dns(ZONE, servfail=["broken.example.net"]), peer.port)
     assert remote_by_hand(inst, "x@nomx.example.net")[0] == 0
     rc, lines = remote_by_hand(inst, "x@nullmx.example.net")
     assert rc == 100 and "null MX" in lines[0]
@@ -197,12 +198,10 @@ def test_route_bypasses_mx_and_smtputf8_refused(tmp_path: Path, processes: Proce
 
 
 def test_starttls_verified_with_test_ca_and_wrong_name_refused(
-    tmp_path: Path, processes: Processes, certs: dict[str, Path]
+    tmp_path: Path, processes: Processes, dns: Callable[..., int], certs: dict[str, Path]
 ) -> None:
     peer = start_peer(processes, tmp_path, "--cert", str(certs["cert"]), "--key", str(certs["key"]))
-    dns = start_dns(
-        processes,
-        tmp_path,
+    dns = dns(
         {
             **ZONE,
             "other.test": [["MX", 5, "wrongname.test."]],
@@ -230,7 +229,7 @@ def test_starttls_verified_with_test_ca_and_wrong_name_refused(
 
 @pytest.mark.parametrize("mech", ["PLAIN", "LOGIN"])
 def test_smarthost_auth_checked_by_the_peer(
-    tmp_path: Path, processes: Processes, certs: dict[str, Path], mech: str
+    tmp_path: Path, processes: Processes, dns: Callable[..., int], certs: dict[str, Path], mech: str
 ) -> None:
     peer = start_peer(
         processes,
@@ -244,7 +243,7 @@ def test_smarthost_auth_checked_by_the_peer(
         "--auth-mechs",
         mech,
     )
-    dns = start_dns(processes, tmp_path, ZONE)
+    dns = dns(ZONE)
     pwfile = tmp_path / "pw"
     pwfile.write_text("s3cret\n")
     inst = remote_instance(
