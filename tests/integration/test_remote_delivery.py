@@ -508,5 +508,10 @@ def test_delay_warning_sent_once(tmp_path: Path, processes: Processes) -> None:
     # Still queued and retried, but no second warning.
     first_attempts = inst.run("mailgrave", "queue").stdout.decode()
     assert "<a@example.net> pending" in first_attempts
+    # The transcript of the failed attempts is kept with the queue entry.
+    qid = first_attempts.splitlines()[1].split()[0]
+    shown = inst.run("mailgrave", "queue", "show", qid).stdout.decode()
+    assert ">>> MAIL FROM:<alice@example.org>" in shown
+    assert "<<< 451 4.3.0 please try again later" in shown
     wait_for(lambda: len(peer.events("ehlo")) >= 5, timeout=30)
     assert len(inst.messages("alice")) == 1
