@@ -27,3 +27,11 @@ class PermFail(DeliveryError):
 
     exit_code = EXIT_PERM
     code = "D"
+
+
+def exit_for(codes: list[str]) -> int:
+    """qmail's exit status for a run of K/Z/D results: 0 all done, 100 only
+    permanent failures among the rest, else 111."""
+    if all(c == "K" for c in codes):
+        return EXIT_OK
+    return EXIT_PERM if all(c in ("K", "D") for c in codes) else EXIT_TEMP

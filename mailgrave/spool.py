@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailgrave.fileio import fsync_dir, write_all
+
 SUBDIRS = ("tmp", "todo", "mess", "info", "ctl", "bad")
 # A message file in todo/ without its envelope is normally there for the
 # instant between two renames; older than this it is the debris of a crash.
@@ -56,14 +58,6 @@ def qid_time(qid: str) -> float:
     for c in qid[:11]:
         micros = micros * 32 + _CROCKFORD.index(c)
     return micros / 1_000_000
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GroupSync:
@@ -310,10 +304,7 @@ def write_atomic(path: str, data: bytes, tmp_dir: str, sync_dir: bool = True) ->
     tmp = os.path.join(tmp_dir, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

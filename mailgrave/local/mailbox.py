@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 from mailgrave.errors import PermFail, TempFail
+from mailgrave.fileio import fsync_dir, write_all
 
 BLOCK = 1 << 16
 DOTLOCK_STALE = 300.0
@@ -63,12 +64,6 @@ def has_delivered_to(fd: int, rcpt: str) -> bool:
     return False
 
 
-def write_all(out: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(out, view) :]
-
-
 def _io_failure(exc: OSError, what: str) -> TempFail | PermFail:
     if exc.errno in (errno.EDQUOT,):
         return TempFail(f"4.2.2 mailbox full ({what})")
@@ -110,11 +105,7 @@ def maildir(path: str, fd: int, prefix: bytes) -> str:
         else:
             os.unlink(tmp)
         for sub in ("new", "tmp"):
-            dfd = os.open(os.path.join(path, sub), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(os.path.join(path, sub))
     except OSError as exc:
         raise _io_failure(exc, f"maildir {path}") from None
     return f"2.0.0 delivered to maildir {path}"

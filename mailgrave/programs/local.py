@@ -28,7 +28,8 @@ from mailgrave import config as configmod
 from mailgrave import log as logmod
 from mailgrave import maillog
 from mailgrave.config import Config
-from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, DeliveryError, PermFail, TempFail
+from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, PermFail, TempFail, exit_for
+from mailgrave.fileio import write_all
 from mailgrave.local import mailbox
 from mailgrave.local.routing import Router, Target
 
@@ -238,7 +239,7 @@ def _in_child(func: Callable[[], str], qid: str, rcpt: str, limit: int = 2000) -
             log.exception("%s: delivery to %s failed unexpectedly", qid, rcpt)
             text = "Z4.3.0 internal error in local delivery"
         try:
-            mailbox.write_all(w, text.encode("utf-8", "surrogateescape")[:limit])
+            write_all(w, text.encode("utf-8", "surrogateescape")[:limit])
         except OSError:
             code = 1
         os._exit(code)
@@ -408,11 +409,7 @@ def by_hand(config: Config, sender: str, qid: str, rcpts: list[str]) -> int:
         line = deliver(config, router, fd, sender, rcpt, qid)
         print(line, flush=True)
         codes.append(line[:1])
-    if all(c == "K" for c in codes):
-        return EXIT_OK
-    if all(c in ("K", "D") for c in codes):
-        return EXIT_PERM
-    return EXIT_TEMP
+    return exit_for(codes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from mailgrave import log as logmod
 from mailgrave import maillog
 from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
+from mailgrave.fileio import write_all
 from mailgrave.spool import GroupSync, Spool, new_qid
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,7 @@ class Writer:
         self.size += len(data)
         if self.size > self.limit:
             raise PermFail("5.3.4 message too big")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
+        write_all(self.fd, data)
 
     def finish(self) -> None:
         if self._cr:
@@ -156,9 +155,7 @@ class Queue:
                 msg_fd = new_fd
             size = os.fstat(msg_fd).st_size
             env_fd = spool.create_tmp(qid, "env")
-            data = envelope.encode()
-            while data:
-                data = data[os.write(env_fd, data) :]
+            write_all(env_fd, envelope.encode())
             os.fsync(env_fd)
             os.rename(spool.path("tmp", f"{qid}.msg"), spool.path("todo", f"{qid}.msg"))
             os.rename(spool.path("tmp", f"{qid}.env"), spool.path("todo", qid))
@@ -184,15 +181,13 @@ def _prepend(spool: Spool, qid: str, fd: int, header: bytes) -> int:
     os.rename(old, staging)
     new_fd = spool.create_tmp(qid, "msg")
     try:
-        os.write(new_fd, header)
+        write_all(new_fd, header)
         os.lseek(fd, 0, os.SEEK_SET)
         while True:
             block = os.read(fd, 1 << 20)
             if not block:
                 break
-            view = memoryview(block)
-            while view:
-                view = view[os.write(new_fd, view) :]
+            write_all(new_fd, block)
         os.fsync(new_fd)
     except BaseException:
         os.close(new_fd)

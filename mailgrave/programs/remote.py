@@ -25,7 +25,7 @@ from mailgrave import config as configmod
 from mailgrave import log as logmod
 from mailgrave import maillog
 from mailgrave.config import Config
-from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, DeliveryError
+from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, exit_for
 from mailgrave.route import Hop, hops, smarthost_password
 from mailgrave.smtp.client import Client, SMTPError, Timeouts, wire_format
 
@@ -293,9 +293,7 @@ def by_hand(delivery: Delivery, sender: str, rcpts: list[str]) -> int:
             print(f"{code}{text}  <{rcpt}>", flush=True)
             codes.append(code)
     delivery.sessions.expire(everything=True)
-    if all(c == "K" for c in codes):
-        return EXIT_OK
-    return EXIT_PERM if all(c in ("K", "D") for c in codes) else EXIT_TEMP
+    return exit_for(codes)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mailgrave import config as configmod
 from mailgrave import maillog
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, PermFail, TempFail
+from mailgrave.fileio import write_all
 from mailgrave.smtp import replies as R
 from mailgrave.smtp import server as S
 
@@ -109,9 +110,7 @@ class Channel:
 
     def send(self, data: bytes) -> None:
         if self.sock is None:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(1, view) :]
+            write_all(1, data)
         else:
             self.sock.sendall(data)
 
