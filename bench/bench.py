@@ -126,6 +126,24 @@ def tree_cpu(root: int) -> float:
     return total / CLK_TCK
 
 
+def tree_cpu_by_program(root: int) -> dict[str, float]:
+    """tree_cpu, split by program (a process's reaped children count for it)."""
+    out: dict[str, float] = {}
+    for pid in tree(root):
+        st = _stat(pid)
+        if st:
+            name = short_name(pid)
+            out[name] = out.get(name, 0.0) + sum(int(x) for x in st[13:17]) / CLK_TCK
+    return out
+
+
+def cpu_split(before: dict[str, float], after: dict[str, float], n: int) -> str:
+    """CPU seconds per 1,000 messages by program, largest first."""
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    parts = sorted(delta.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{k} {v / n * 1000:.2f}" for k, v in parts if v > 0)
+
+
 def rss_kb(pid: int) -> int | None:
     st = _stat(pid)
     return int(st[23]) * PAGE // 1024 if st else None
@@ -152,8 +170,10 @@ def short_name(pid: int) -> str:
     cmd = cmdline(pid).split()
     for word in cmd:
         base = os.path.basename(word)
+        if base == "mailgrave":
+            return "mailgrave run"
         if base.startswith("mailgrave"):
-            return base + (" " + cmd[-1] if base == "mailgrave" else "")
+            return base.replace("mailgrave.programs.", "mailgrave-")
     return os.path.basename(cmd[0]) if cmd else "?"
 
 
@@ -570,21 +590,25 @@ def send_big(port: int, size: int, to: str) -> None:
 
 def big_message_rss(system: System, size: int, to: str) -> tuple[float, str]:
     """Largest RSS growth (MB) of any process of the system while one big message goes through."""
-    first: dict[int, int] = {}
-    peak: dict[int, int] = {}
-    names: dict[int, str] = {}
+    # Keyed by (pid, start time): a pid the kernel reuses is another process.
+    first: dict[tuple[int, str], int] = {}
+    peak: dict[tuple[int, str], int] = {}
+    names: dict[tuple[int, str], str] = {}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             for pid in tree(system.root_pid()):
-                r = rss_kb(pid)
-                if r is None:
+                st = _stat(pid)
+                if st is None or st[2] == "Z":
                     continue
-                if pid not in first:
-                    first[pid] = r
-                    names[pid] = short_name(pid)
-                peak[pid] = max(peak.get(pid, 0), r)
+                key = (pid, st[21])
+                r = int(st[23]) * PAGE // 1024
+                if key not in first:
+                    first[key] = r
+                if names.get(key, "?") == "?":
+                    names[key] = short_name(pid)
+                peak[key] = max(peak.get(key, 0), r)
             time.sleep(0.005)
 
     delivered = system.maildir_count()
@@ -598,9 +622,9 @@ def big_message_rss(system: System, size: int, to: str) -> tuple[float, str]:
     finally:
         stop.set()
         sampler.join()
-    growth = {pid: peak[pid] - first[pid] for pid in first}
-    pid = max(growth, key=lambda p: growth[p])
-    return growth[pid] / 1024, names[pid]
+    growth = {key: peak[key] - first[key] for key in first}
+    key = max(growth, key=lambda k: growth[k])
+    return growth[key] / 1024, f"{names[key]} (+{growth[key] / 1024:.1f} MB)"
 
 
 # ---------------------------------------------------------------- the run
@@ -686,6 +710,7 @@ def run(args: argparse.Namespace) -> str:
     mg = MailGrave(base / "mailgrave", sink.port)
     systems: list[System] = [mg, pf]
     extra: dict[str, Any] = {}
+    only = set(args.only.split(","))
     try:
         pf.start()
         mg.start()
@@ -696,98 +721,123 @@ def run(args: argparse.Namespace) -> str:
             smtp_source(s.port, 50, 5, 1, 2048, sink_to)
             s.wait_idle(120)
 
-        for size, count in ((2048, args.count), (102400, args.count_100k)):
-            for per_conn in (1, 10):
-                for sessions in (1, 10, 50):
-                    res = {}
-                    n = min(count, args.per_session * sessions)
-                    for s in systems:
-                        res[s.name] = measure_throughput(s, n, sessions, per_conn, size, sink_to)
-                    label = f"accepted, {size // 1024} KB, {sessions} sess, {per_conn}/conn"
-                    table.add(label, res["MailGrave"][0], res["Postfix"][0], "msgs/s")
+        if "accept" in only:
+            for size, count in ((2048, args.count), (102400, args.count_100k)):
+                for per_conn in (1, 10):
+                    for sessions in (1, 10, 50):
+                        res = {}
+                        n = min(count, args.per_session * sessions)
+                        for s in systems:
+                            res[s.name] = measure_throughput(
+                                s, n, sessions, per_conn, size, sink_to
+                            )
+                        label = f"accepted, {size // 1024} KB, {sessions} sess, {per_conn}/conn"
+                        table.add(label, res["MailGrave"][0], res["Postfix"][0], "msgs/s")
 
-        # End-to-end to smtp-sink and local Maildir, with CPU per 1,000 messages.
-        for what, to in (
-            ("end-to-end to smtp-sink", sink_to),
-            ("local Maildir delivery", local_to),
-        ):
-            res, cpu = {}, {}
+        if "e2e" in only:
+            # End-to-end to smtp-sink and local Maildir, with CPU per 1,000 messages.
+            for what, to in (
+                ("end-to-end to smtp-sink", sink_to),
+                ("local Maildir delivery", local_to),
+            ):
+                res, cpu = {}, {}
+                for s in systems:
+                    s.wait_idle(300)
+                    sink_before, md_before = sink.received(), s.maildir_count()
+                    c0 = tree_cpu(s.root_pid())
+                    split0 = tree_cpu_by_program(s.root_pid())
+                    res[s.name] = measure_throughput(s, args.count, 10, 1, 2048, to)
+                    # The queue is empty: every message was delivered (or bounced). Check.
+                    time.sleep(0.2)
+                    got = (
+                        s.maildir_count() - md_before
+                        if to == local_to
+                        else sink.received() - sink_before
+                    )
+                    if got < res[s.name][2]:
+                        log(f"warning: {s.name}: {got} of {res[s.name][2]} arrived")
+                    cpu[s.name] = (tree_cpu(s.root_pid()) - c0) / res[s.name][2] * 1000
+                    split = cpu_split(split0, tree_cpu_by_program(s.root_pid()), res[s.name][2])
+                    extra[f"CPU s/1,000 msgs by program, {what}, {s.name}"] = split
+                if to == sink_to:
+                    table.add(
+                        f"{what}, 10 sess: accepted",
+                        res["MailGrave"][0],
+                        res["Postfix"][0],
+                        "msgs/s",
+                    )
+                table.add(
+                    f"{what}, 10 sess: delivered", res["MailGrave"][1], res["Postfix"][1], "msgs/s"
+                )
+                table.add(
+                    f"CPU per 1,000 msgs, {what}", cpu["MailGrave"], cpu["Postfix"], "s", False
+                )
+
+        if "latency" in only:
+            lat = {s.name: latency(s.port, args.latency_count, sink_to) for s in systems}
+            for i, what in enumerate(("connect->greeting", "end-of-data->250")):
+                for q, qn in ((0.5, "p50"), (0.99, "p99")):
+                    vals = {k: pct(v[i], q) * 1000 for k, v in lat.items()}
+                    table.add(
+                        f"{what} {qn}, 1 sess", vals["MailGrave"], vals["Postfix"], "ms", False
+                    )
+
+        if "rss" in only:
             for s in systems:
                 s.wait_idle(300)
-                sink_before, md_before = sink.received(), s.maildir_count()
-                c0 = tree_cpu(s.root_pid())
-                res[s.name] = measure_throughput(s, args.count, 10, 1, 2048, to)
-                # The queue is empty: every message was delivered (or bounced). Check.
-                time.sleep(0.2)
-                got = (
-                    s.maildir_count() - md_before
-                    if to == local_to
-                    else sink.received() - sink_before
-                )
-                if got < res[s.name][2]:
-                    log(f"warning: {s.name}: {got} of {res[s.name][2]} arrived")
-                cpu[s.name] = (tree_cpu(s.root_pid()) - c0) / res[s.name][2] * 1000
-            if to == sink_to:
-                table.add(
-                    f"{what}, 10 sess: accepted", res["MailGrave"][0], res["Postfix"][0], "msgs/s"
-                )
+            rss = {s.name: rss_per_connection(s) for s in systems}
             table.add(
-                f"{what}, 10 sess: delivered", res["MailGrave"][1], res["Postfix"][1], "msgs/s"
+                "smtpd RSS per connection", rss["MailGrave"][0], rss["Postfix"][0], "MB", False
             )
-            table.add(f"CPU per 1,000 msgs, {what}", cpu["MailGrave"], cpu["Postfix"], "s", False)
+            table.add(
+                "smtpd PSS per connection", rss["MailGrave"][1], rss["Postfix"][1], "MB", False
+            )
 
-        lat = {s.name: latency(s.port, args.latency_count, sink_to) for s in systems}
-        for i, what in enumerate(("connect->greeting", "end-of-data->250")):
-            for q, qn in ((0.5, "p50"), (0.99, "p99")):
-                vals = {k: pct(v[i], q) * 1000 for k, v in lat.items()}
-                table.add(f"{what} {qn}, 1 sess", vals["MailGrave"], vals["Postfix"], "ms", False)
+        if "big" in only:
+            big = {s.name: big_message_rss(s, 50 * 1024 * 1024, local_to) for s in systems}
+            table.add(
+                "largest RSS growth, 50 MB message to Maildir",
+                big["MailGrave"][0],
+                big["Postfix"][0],
+                "MB",
+                False,
+            )
+            extra["big_message_worst_process"] = {k: v[1] for k, v in big.items()}
 
-        for s in systems:
-            s.wait_idle(300)
-        rss = {s.name: rss_per_connection(s) for s in systems}
-        table.add("smtpd RSS per connection", rss["MailGrave"][0], rss["Postfix"][0], "MB", False)
-        table.add("smtpd PSS per connection", rss["MailGrave"][1], rss["Postfix"][1], "MB", False)
-
-        big = {s.name: big_message_rss(s, 50 * 1024 * 1024, local_to) for s in systems}
-        table.add(
-            "largest RSS growth, 50 MB message to Maildir",
-            big["MailGrave"][0],
-            big["Postfix"][0],
-            "MB",
-            False,
-        )
-        extra["big_message_worst_process"] = {k: v[1] for k, v in big.items()}
-
-        # Plain Accept=yes mode: an interpreter per connection, the queue of `mailgrave run`.
-        mg.wait_idle(300)
-        port = free_port()
-        sa = subprocess.Popen(
-            [
-                "systemd-socket-activate",
-                "-l",
-                f"127.0.0.1:{port}",
-                "--inetd",
-                "-a",
-                str(VENV_BIN / "mailgrave-smtpd"),
-                "--config",
-                str(mg.config),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(base / "socket-activate.log").open("wb"),
-            start_new_session=True,
-            env=mailgrave_env(),
-        )
-        try:
-            wait_for(lambda: connectable(port), 30, "systemd-socket-activate")
-            t = smtp_source(port, args.count_accept, 10, 1, 2048, sink_to)
+        if "acceptyes" in only:
+            # Plain Accept=yes mode: an interpreter per connection, the queue of `mailgrave run`.
             mg.wait_idle(300)
-        finally:
-            os.killpg(sa.pid, signal.SIGTERM)
-            sa.wait(10)
-        pf_10 = next(r[2] for r in table.rows if r[0] == "accepted, 2 KB, 10 sess, 1/conn")
-        table.add(
-            "Accept=yes (interpreter per conn), 10 sess", args.count_accept / t, pf_10, "conn/s"
-        )
+            port = free_port()
+            sa = subprocess.Popen(
+                [
+                    "systemd-socket-activate",
+                    "-l",
+                    f"127.0.0.1:{port}",
+                    "--inetd",
+                    "-a",
+                    str(VENV_BIN / "mailgrave-smtpd"),
+                    "--config",
+                    str(mg.config),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(base / "socket-activate.log").open("wb"),
+                start_new_session=True,
+                env=mailgrave_env(),
+            )
+            try:
+                wait_for(lambda: connectable(port), 30, "systemd-socket-activate")
+                t = smtp_source(port, args.count_accept, 10, 1, 2048, sink_to)
+                mg.wait_idle(300)
+            finally:
+                os.killpg(sa.pid, signal.SIGTERM)
+                sa.wait(10)
+            pf_10 = next(
+                (r[2] for r in table.rows if r[0] == "accepted, 2 KB, 10 sess, 1/conn"),
+                float("nan"),
+            )
+            table.add(
+                "Accept=yes (interpreter per conn), 10 sess", args.count_accept / t, pf_10, "conn/s"
+            )
         if args.profile:
             extra["profile"] = profile(mg, args, sink_to, local_to)
         if args.keep:
@@ -835,6 +885,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workdir", default="/var/tmp", help="where the scratch directory goes")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument(
+        "--only",
+        default="accept,e2e,latency,rss,big,acceptyes",
+        help="comma-separated row groups: accept,e2e,latency,rss,big,acceptyes",
+    )
     p.add_argument("--source", help="run the mailgrave package from this directory (a snapshot)")
     p.add_argument("--json", help="also write the table here")
     p.add_argument(

@@ -16,12 +16,16 @@ PROC = re.compile(r'^process (\d+):"([^"]*)"')
 
 
 def kind(cmd: str) -> str:
-    m = re.search(r"mailgrave[.]programs[.](\w+)|mailgrave-(\w+)", cmd)
-    if m:
-        return m.group(1) or m.group(2)
-    if "mailgrave" in cmd and " run" in cmd:
-        return "run"
-    return cmd.split()[0].rsplit("/", 1)[-1] if cmd else "?"
+    words = cmd.split()
+    for word in words[:3]:
+        if word.startswith("mailgrave.programs."):
+            return word.removeprefix("mailgrave.programs.")
+        base = word.rsplit("/", 1)[-1]
+        if base == "mailgrave":
+            return "run"
+        if base.startswith("mailgrave-"):
+            return base.removeprefix("mailgrave-")
+    return words[0].rsplit("/", 1)[-1] if words else "?"
 
 
 def frame_name(frame: str) -> str:
@@ -52,12 +56,14 @@ def summarise(path: str, top: int = 12) -> str:
             m = PROC.match(frames[procs[-1]])
             assert m
             k = kind(m.group(2))
-            pids[k].add(m.group(1))
+            pid = m.group(1)
             frames = frames[procs[-1] + 1 :]
         frames = [f for f in frames if not f.startswith("thread ")]
         # In the smtpd, the children run serve_connection; the parent does not.
         if k == "smtpd":
             k = "smtpd child" if any("serve_connection" in f for f in frames) else "smtpd parent"
+        if procs:
+            pids[k].add(pid)
         totals[k] += n
         names = [frame_name(f) for f in frames]
         if names:
