@@ -372,6 +372,7 @@ class MailGrave(System):
                 stderr=errlog,
                 start_new_session=True,
                 env=mailgrave_env(),
+                cwd=self.base,  # `python -m` puts the cwd first on sys.path
             )
         wait_for(lambda: connectable(self.port) or self.proc.poll() is not None, 30, "MailGrave")  # type: ignore[union-attr]
         if self.proc.poll() is not None:
@@ -815,6 +816,8 @@ def run(args: argparse.Namespace) -> str:
                     f"127.0.0.1:{port}",
                     "--inetd",
                     "-a",
+                    # It passes only the variables named with -E to the program.
+                    *[f"-E{k}={v}" for k, v in mailgrave_env().items() if k == "PYTHONPATH"],
                     str(VENV_BIN / "mailgrave-smtpd"),
                     "--config",
                     str(mg.config),
@@ -823,6 +826,7 @@ def run(args: argparse.Namespace) -> str:
                 stderr=(base / "socket-activate.log").open("wb"),
                 start_new_session=True,
                 env=mailgrave_env(),
+                cwd=base,
             )
             try:
                 wait_for(lambda: connectable(port), 30, "systemd-socket-activate")
