@@ -197,6 +197,9 @@ class Smtpd:
     max_connections: int = _opt(_int, 100)
     max_connections_per_client: int = _opt(_int, 10)
     idle_exit: float = _opt(parse_duration, 60.0)
+    # How long a client must stay quiet before the greeting (talking early is
+    # refused); 0 greets at once and only catches what arrived before it.
+    greet_pause: float = _opt(parse_duration, 0.2)
     banner: str = _opt(_str, "")
     tls: TLS = _section(TLS)
 

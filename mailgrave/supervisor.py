@@ -94,7 +94,9 @@ class Supervisor:
                 if listeners:
                     env["LISTEN_FDS"] = str(len(listeners))
                     env["LISTEN_PID"] = str(os.getpid())
-                os.execve(sys.executable, [sys.executable, "-m", module, *args], env)
+                # -P: never import from the current directory (python -m would).
+                argv = [sys.executable, "-P", "-m", module, *args]
+                os.execve(sys.executable, argv, env)
             finally:
                 os._exit(127)
         return pid

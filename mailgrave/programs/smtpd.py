@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GREET_PAUSE = 0.2  # seconds a client must stay quiet before the greeting
 READ_SIZE = 64 * 1024
 REAP_INTERVAL = 0.5
 DRAIN_TIME = 1.0  # seconds spent reading what the client still sends, on close
@@ -208,7 +207,8 @@ class Session:
             )
 
     def _run(self) -> None:
-        if self.channel.readable(GREET_PAUSE):
+        pause = self.config.smtpd.greet_pause
+        if pause and self.channel.readable(pause):
             if not self.channel.peek():
                 return  # connected and went away (a port probe)
             maillog.rejected("connect", f"[{self.client_ip}]", "talked before the greeting")
@@ -346,6 +346,15 @@ class Listener:
         self.stopping = False
 
     def run(self) -> int:
+        # Import once in the warm parent what every child would import per
+        # connection (the children inherit it through fork).
+        import mailgrave.envelope
+        import mailgrave.local.routing
+        import mailgrave.queueclient  # noqa: F401
+
+        if self.config.smtpd.tls.certificate:
+            import ssl  # noqa: F401
+
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         for sock in self.sockets:

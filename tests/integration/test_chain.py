@@ -156,3 +156,27 @@ def test_kill_9_queue_and_send_loses_no_acknowledged_message(
     for msg in delivered(instance, "alice"):
         # Never half-visible: every delivered message is complete.
         assert msg.get_content().endswith("END\n")
+
+
+def _time_to_greeting(port: int) -> float:
+    import socket
+
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert s.recv(512).startswith(b"220 ")
+        return time.monotonic() - start
+
+
+def test_greet_pause_is_configurable(tmp_path: Path, processes: Processes) -> None:
+    from tests.conftest import free_port
+
+    slow_port, fast_port = free_port(), free_port()
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "fast").mkdir()
+    slow = Instance(tmp_path / "slow")
+    fast = Instance(tmp_path / "fast", smtpd={"greet_pause": 0})
+    slow.start(processes, listen=f"127.0.0.1:{slow_port}")
+    fast.start(processes, listen=f"127.0.0.1:{fast_port}")
+    _time_to_greeting(slow_port), _time_to_greeting(fast_port)  # warm both listeners
+    assert _time_to_greeting(slow_port) >= 0.2
+    assert _time_to_greeting(fast_port) < 0.15
