@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DELIVERY_TIMEOUT = 3600.0
 DEFERRED_RESCAN = 30.0
+LINGER = 2.0  # seconds an idle run waits for new mail before it exits
+TODO_POLL = 0.05
 CONTROL_ACTIONS = ("delete", "hold", "release", "retry")
 
 
@@ -332,6 +334,7 @@ class Scheduler:
         waiting: dict[str, deque[Job]] = {}
         active: dict[str, int] = {}
         last_deferred_scan = 0.0
+        last_work = time.monotonic()
         try:
             while True:
                 self.apply_control_requests()
@@ -353,8 +356,15 @@ class Scheduler:
                         job = jobs.popleft()
                         active[dest] = active.get(dest, 0) + 1
                         futures[pool.submit(self.run_job, job)] = job
-                if not futures:
+                if futures:
+                    last_work = time.monotonic()
+                elif time.monotonic() - last_work >= LINGER:
                     break
+                else:
+                    # Nothing due: stay a moment for mail that is arriving
+                    # (a burst), instead of exiting and being started again.
+                    time.sleep(TODO_POLL)
+                    continue
                 done, _ = wait(list(futures), timeout=0.2, return_when=FIRST_COMPLETED)
                 for fut in done:
                     job = futures.pop(fut)
