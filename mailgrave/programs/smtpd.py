@@ -400,6 +400,9 @@ class Listener:
         except OSError as exc:
             log.warning("accept failed: %s", exc)
             return
+        # Replies are small writes that must not wait for delayed ACKs (Nagle).
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.setblocking(True)
         ip = _plain_ip(str(addr[0])) if isinstance(addr, tuple) and addr else "unknown"
         smtpd = self.config.smtpd
