@@ -16,14 +16,9 @@ DEB_PKGS := python3-yaml python3-systemd python3-dnspython python3-idna python3-
 RUN_PORT ?= 2525
 LINT_DIRS := mailgrave tests $(wildcard bench)
 
-.PHONY: all deps venv run test lint unit integration check-config clean bench \
-	pkg-deps deb system-test
-
-all: venv
-
-deps: $(VENV)/.deps-stamp
-$(VENV)/.deps-stamp: Makefile
-	@missing=$$(for p in $(DEB_PKGS); do \
+# $(call apt_ensure,PACKAGES): install those of PACKAGES that are missing (as root).
+define apt_ensure
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (run as root): $$missing"; exit 1; fi; \
@@ -32,6 +27,16 @@ $(VENV)/.deps-stamp: Makefile
 		env PATH=$(DEBIAN_PATH) DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+endef
+
+.PHONY: all deps venv run test lint unit integration check-config clean bench \
+	pkg-deps deb system-test
+
+all: venv
+
+deps: $(VENV)/.deps-stamp
+$(VENV)/.deps-stamp: Makefile
+	$(call apt_ensure,$(DEB_PKGS))
 	@mkdir -p $(VENV) && touch $@
 
 venv: $(VENV)/.venv-stamp
@@ -64,15 +69,7 @@ PKG_DEB_PKGS := debhelper dh-python python3-all python3-setuptools pybuild-plugi
 DEB_OUT := build/deb
 
 pkg-deps:
-	@missing=$$(for p in $(PKG_DEB_PKGS); do \
-		dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages (run as root): $$missing"; exit 1; fi; \
-		echo "installing: $$missing"; \
-		env PATH=$(DEBIAN_PATH) DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		env PATH=$(DEBIAN_PATH) DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	$(call apt_ensure,$(PKG_DEB_PKGS))
 
 # The .deb, built from a copy of the working tree (tracked and new files, not
 # what .gitignore excludes) so the checkout gets no build debris; then lintian.

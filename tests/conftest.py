@@ -238,6 +238,31 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
             into[key] = value
 
 
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="creates users, switches uid")
+
+
+@pytest.fixture
+def user(tmp_path: Path) -> Iterator[Any]:
+    """A system user made for this test (pwd entry), removed afterwards by name."""
+    import pwd
+    import uuid
+
+    name = f"mgt{uuid.uuid4().hex[:8]}"
+    home = tmp_path / "home" / name
+    home.parent.mkdir()
+    os.chmod(home.parent, 0o755)
+    subprocess.run(
+        ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", name],
+        check=True,
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "--remove", name], capture_output=True)
+        for leftover in (Path("/var/mail") / name, Path(f"/var/mail/{name}.lock")):
+            leftover.unlink(missing_ok=True)
+
+
 @pytest.fixture
 def instance(tmp_path: Path) -> Instance:
     return Instance(tmp_path)

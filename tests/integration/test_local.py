@@ -10,13 +10,9 @@ import shutil
 import socket
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import Instance, Processes, program, wait_for
+from tests.conftest import Instance, Processes, needs_root, program, wait_for
 
 MSG = b"Received: by test\nFrom: s@example.net\nSubject: via ctrl\n\nFrom me\nbody\n"
 
@@ -171,25 +167,6 @@ def test_request_without_fd_is_temporary(instance: Instance, processes: Processe
         ours.sendall(b"QX\0Fs@example.net\0Talice@example.org\0\0")
         assert ours.recv(4096).startswith(b"Z4.3.0")
     assert instance.messages("alice") == []
-
-
-needs_root = pytest.mark.skipif(os.getuid() != 0, reason="creates users, switches uid")
-
-
-@pytest.fixture
-def user(tmp_path: Path) -> Iterator[pwd.struct_passwd]:
-    """A system user made for this test, removed afterwards (by name)."""
-    name = f"mgl{uuid.uuid4().hex[:8]}"
-    home = tmp_path / "home" / name
-    home.parent.mkdir()
-    os.chmod(home.parent, 0o755)
-    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), name], check=True)
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", "--remove", name], capture_output=True)
-        for leftover in (Path("/var/mail") / name, Path(f"/var/mail/{name}.lock")):
-            leftover.unlink(missing_ok=True)
 
 
 def by_hand(inst: Instance, rcpt: str, data: bytes = MSG) -> subprocess.CompletedProcess[bytes]:

@@ -7,35 +7,10 @@ import os
 import pwd
 import shutil
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import Instance, Processes, program
+from tests.conftest import Instance, Processes, needs_root, program
 from tests.integration.test_queue import start_queue
-
-needs_root = pytest.mark.skipif(os.getuid() != 0, reason="creates users, switches uid")
-
-
-@pytest.fixture
-def user(tmp_path: Path) -> Iterator[pwd.struct_passwd]:
-    """A real system user made for this test (and removed after it)."""
-    name = f"mgt{uuid.uuid4().hex[:8]}"
-    home = tmp_path / "home" / name
-    home.parent.mkdir()
-    os.chmod(home.parent, 0o755)
-    subprocess.run(
-        ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh", name],
-        check=True,
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", "--remove", name], capture_output=True)
-        mbox = Path("/var/mail") / name
-        mbox.unlink(missing_ok=True)
 
 
 def local(

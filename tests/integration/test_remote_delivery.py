@@ -3,8 +3,6 @@ servers (aiosmtpd), plus peers that drop the connection or hang."""
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
@@ -16,6 +14,7 @@ import pytest
 
 from tests.conftest import Instance, Processes, free_port, wait_for
 from tests.integration.dnsserver import dns_server
+from tests.integration.test_chain import delivered
 
 PEERS = Path(__file__).resolve().parent.parent / "peers"
 PY = "/usr/bin/python3"
@@ -317,15 +316,6 @@ def start_chain(inst: Instance, processes: Processes) -> Any:
     return inst.start(processes)
 
 
-def _bounces(inst: Instance, user: str) -> list[email.message.EmailMessage]:
-    out = []
-    for raw in inst.messages(user):
-        msg = email.message_from_bytes(raw, policy=email.policy.default)
-        assert isinstance(msg, email.message.EmailMessage)
-        out.append(msg)
-    return out
-
-
 def test_one_of_three_refused_gives_one_bounce_naming_it(
     tmp_path: Path, processes: Processes
 ) -> None:
@@ -344,7 +334,7 @@ def test_one_of_three_refused_gives_one_bounce_naming_it(
     )
     assert res.returncode == 0
     wait_for(lambda: inst.messages("alice"), timeout=20)
-    [bounce] = _bounces(inst, "alice")
+    [bounce] = delivered(inst, "alice")
     assert bounce.get_content_type() == "multipart/report"
     report = list(bounce.iter_parts())[1].get_payload()
     assert [r["Final-Recipient"] for r in report[1:]] == ["rfc822; reject-me@example.net"]
@@ -461,7 +451,7 @@ def test_lifetime_expiry_bounces_with_the_last_reply(tmp_path: Path, processes: 
         == 0
     )
     wait_for(lambda: inst.messages("alice"), timeout=30)
-    [bounce] = _bounces(inst, "alice")
+    [bounce] = delivered(inst, "alice")
     report = list(bounce.iter_parts())[1].get_payload()
     assert report[1]["Action"] == "failed"
     assert "451 4.3.0 please try again later" in report[1]["Diagnostic-Code"]
@@ -481,7 +471,7 @@ def test_undeliverable_bounce_goes_to_postmaster(tmp_path: Path, processes: Proc
     )
     assert res.returncode == 0
     wait_for(lambda: inst.messages("postmaster"), timeout=30)
-    [double] = _bounces(inst, "postmaster")
+    [double] = delivered(inst, "postmaster")
     assert double.get_content_type() == "multipart/report"
     assert "reject-sender@example.net" in double.as_string()
     wait_for(lambda: inst.spool_entries() == [], timeout=10)
@@ -501,7 +491,7 @@ def test_delay_warning_sent_once(tmp_path: Path, processes: Processes) -> None:
     res = inst.sendmail("-f", "alice@example.org", "a@example.net", data=b"Subject: slow\n\nx\n")
     assert res.returncode == 0
     wait_for(lambda: inst.messages("alice"), timeout=30)
-    [warning] = _bounces(inst, "alice")
+    [warning] = delivered(inst, "alice")
     assert warning["Subject"].startswith("Delayed Mail")
     report = list(warning.iter_parts())[1].get_payload()
     assert report[1]["Action"] == "delayed"
