@@ -14,6 +14,7 @@ import argparse
 import fcntl
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -108,6 +109,8 @@ class Scheduler:
         self.states: dict[str, State] = {}
         self.new: set[str] = set()
         self.now = time.time
+        # Set by SIGTERM (systemctl stop): finish what is in flight, start nothing new.
+        self.stopping = False
 
     # --- what is due ---------------------------------------------------------
 
@@ -337,28 +340,29 @@ class Scheduler:
         last_work = time.monotonic()
         try:
             while True:
-                self.apply_control_requests()
-                rescan = time.monotonic() - last_deferred_scan >= DEFERRED_RESCAN
-                if rescan:
-                    last_deferred_scan = time.monotonic()
-                for job in self.collect(rescan):
-                    qid = job.state.qid
-                    self.inflight[qid] = self.inflight.get(qid, 0) + 1
-                    waiting.setdefault(self._destination(job), deque()).append(job)
-                remote_total = sum(n for d, n in active.items() if d.startswith("remote:"))
-                for dest, jobs in waiting.items():
-                    limit = self._concurrency(dest)
-                    is_remote = dest.startswith("remote:")
-                    while jobs and active.get(dest, 0) < limit:
-                        if is_remote and remote_total >= self.config.remote.max_parallel:
-                            break
-                        remote_total += is_remote
-                        job = jobs.popleft()
-                        active[dest] = active.get(dest, 0) + 1
-                        futures[pool.submit(self.run_job, job)] = job
+                if not self.stopping:
+                    self.apply_control_requests()
+                    rescan = time.monotonic() - last_deferred_scan >= DEFERRED_RESCAN
+                    if rescan:
+                        last_deferred_scan = time.monotonic()
+                    for job in self.collect(rescan):
+                        qid = job.state.qid
+                        self.inflight[qid] = self.inflight.get(qid, 0) + 1
+                        waiting.setdefault(self._destination(job), deque()).append(job)
+                    remote_total = sum(n for d, n in active.items() if d.startswith("remote:"))
+                    for dest, jobs in waiting.items():
+                        limit = self._concurrency(dest)
+                        is_remote = dest.startswith("remote:")
+                        while jobs and active.get(dest, 0) < limit:
+                            if is_remote and remote_total >= self.config.remote.max_parallel:
+                                break
+                            remote_total += is_remote
+                            job = jobs.popleft()
+                            active[dest] = active.get(dest, 0) + 1
+                            futures[pool.submit(self.run_job, job)] = job
                 if futures:
                     last_work = time.monotonic()
-                elif time.monotonic() - last_work >= LINGER:
+                elif self.stopping or time.monotonic() - last_work >= LINGER:
                     break
                 else:
                     # Nothing due: stay a moment for mail that is arriving
@@ -491,7 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailgrave-send: no spool at {config.spool}", file=sys.stderr)
         return EXIT_TEMP
 
-    result = with_send_lock(spool, blocking=False, body=Scheduler(config).run)
+    scheduler = Scheduler(config)
+
+    def stop(_signum: int, _frame: object) -> None:
+        scheduler.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    result = with_send_lock(spool, blocking=False, body=scheduler.run)
     if result is None:
         log.debug("another mailgrave-send is running; it will pick up new mail")
         return EXIT_OK

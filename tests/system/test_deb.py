@@ -281,7 +281,9 @@ def test_no_failed_units(box: Container) -> None:
 
 
 def test_reinstall_keeps_queued_mail(box: Container) -> None:
-    box.run("systemctl", "stop", "mailgrave-send.path", "mailgrave-send.timer")
+    box.run(
+        "systemctl", "stop", "mailgrave-send.path", "mailgrave-send.timer", "mailgrave-send.service"
+    )
     qid = sendmail(box, "bob", "alice", body="kept across a reinstall\n")
     box.run("mailgrave", "queue", "hold", qid)
     box.run("apt-get", "install", "-y", "--reinstall", box.deb)
@@ -297,7 +299,9 @@ def test_reinstall_keeps_queued_mail(box: Container) -> None:
 
 
 def test_purge_removes_the_spool_and_the_configuration(box: Container) -> None:
-    box.run("systemctl", "stop", "mailgrave-send.path", "mailgrave-send.timer")
+    box.run(
+        "systemctl", "stop", "mailgrave-send.path", "mailgrave-send.timer", "mailgrave-send.service"
+    )
     sendmail(box, "bob", "alice", body="queued, then purged\n")
     box.run("apt-get", "purge", "-y", "mailgrave")
     gone = box.run(
