@@ -87,14 +87,14 @@ def test_bracketed_route_skips_mx_and_plain_route_looks_up_mx_of_the_host(dns: A
     cfg = config(
         dns[0],
         routes={
-            "example.net": "[dual.example.net]:2525",
+            "example.net": "[dual.example.net]:10025",
             "other.test": "gw.example.com:2626",
             ".sub.test": "[127.0.0.9]",
         },
     )
     before = len(dns[1].queries)
     [hop] = hops(cfg, "example.net")  # no MX lookup of example.net nor of the route's host
-    assert (hop.host, hop.port) == ("dual.example.net", 2525)
+    assert (hop.host, hop.port) == ("dual.example.net", 10025)
     asked = {q for q, _ in dns[1].queries[before:]}
     assert asked == {"dual.example.net."}
     assert ("dual.example.net.", "MX") not in dns[1].queries[before:]
@@ -113,8 +113,8 @@ def test_routes_win_over_the_smarthost_and_star_is_the_default() -> None:
     )
     assert route_for(cfg, "example.net") == ("[10.0.0.1]:25", False)
     assert route_for(cfg, "example.com") == ("[relay.example.com]:587", True)
-    star = config(routes={"*": "[10.0.0.2]:2525"}, smarthost={"host": "relay.example.com"})
-    assert route_for(star, "anything.test") == ("[10.0.0.2]:2525", False)
+    star = config(routes={"*": "[10.0.0.2]:10025"}, smarthost={"host": "relay.example.com"})
+    assert route_for(star, "anything.test") == ("[10.0.0.2]:10025", False)
     assert route_for(config(), "anything.test") == ("", False)
 
 
