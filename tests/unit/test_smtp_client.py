@@ -48,6 +48,12 @@ class Peer:
             self.file.close()
             conn.close()
 
+    def greet(self, *ehlo_reply: str) -> None:
+        """The opening every script shares: 220, read the EHLO, answer it with ``ehlo_reply``."""
+        self.say("220 mx.test")
+        self.read()
+        self.say(*ehlo_reply)
+
     def say(self, *lines: str) -> None:
         self.file.write(b"".join(line.encode() + b"\r\n" for line in lines))
         self.file.flush()
@@ -170,9 +176,7 @@ def test_helo_fallback_and_no_pipelining_waits_for_each_reply() -> None:
 
 def test_every_recipient_refused_resets_and_sends_no_data() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say(*EHLO_ALL)
+        p.greet(*EHLO_ALL)
         for _ in range(3):
             p.read()
         p.say("250 ok", "550 no", "553 no")
@@ -199,9 +203,7 @@ def test_every_recipient_refused_resets_and_sends_no_data() -> None:
 
 def test_smtputf8_needed_but_not_offered_is_permanent_and_sends_nothing() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say(*EHLO_ALL)
+        p.greet(*EHLO_ALL)
         assert p.read() == b""  # the client closes without a MAIL FROM
 
     peer = Peer(script)
@@ -216,9 +218,7 @@ def test_smtputf8_needed_but_not_offered_is_permanent_and_sends_nothing() -> Non
 
 def test_smtputf8_declared_when_offered_and_needed() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say("250-mx.test", "250 SMTPUTF8")
+        p.greet("250-mx.test", "250 SMTPUTF8")
         assert p.read() == b"MAIL FROM:<s@a.test> SMTPUTF8\r\n"
         p.say("250 ok")
         assert p.read() == "RCPT TO:<jürgen@b.test>\r\n".encode()
@@ -241,9 +241,7 @@ def test_a_hanging_peer_times_out_with_the_stage_named(stage: str) -> None:
 
     def script(p: Peer) -> None:
         if stage != "greeting":
-            p.say("220 mx.test")
-            p.read()
-            p.say(*EHLO_ALL)
+            p.greet(*EHLO_ALL)
             for _ in range(2):
                 p.read()
             if stage == "end of data":
@@ -270,9 +268,7 @@ def test_a_hanging_peer_times_out_with_the_stage_named(stage: str) -> None:
 
 def test_connection_dropped_mid_data_is_a_temporary_failure() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say(*EHLO_ALL)
+        p.greet(*EHLO_ALL)
         p.read()
         p.read()
         p.say("250 ok", "250 ok")
@@ -292,9 +288,7 @@ def test_connection_dropped_mid_data_is_a_temporary_failure() -> None:
 
 def test_auth_is_never_sent_without_tls() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say("250-mx.test", "250 AUTH PLAIN LOGIN")
+        p.greet("250-mx.test", "250 AUTH PLAIN LOGIN")
         assert p.read() == b""  # nothing: the client gives up without sending credentials
 
     peer = Peer(script)
@@ -313,9 +307,7 @@ def test_auth_uses_an_offered_mechanism_and_keeps_the_secret_out_of_the_transcri
     seen: list[bytes] = []
 
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say("250-mx.test", f"250 AUTH {offered}")
+        p.greet("250-mx.test", f"250 AUTH {offered}")
         if offered == "CRAM-MD5":
             assert p.read() == b""
             return
@@ -385,9 +377,7 @@ def test_wire_format_streams_a_huge_line_in_bounded_pieces() -> None:
 @pytest.mark.parametrize("final", ["554 5.6.0 content refused", "drop"])
 def test_a_failed_data_phase_leaves_refused_recipients_their_own_answer(final: str) -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say(*EHLO_ALL)
+        p.greet(*EHLO_ALL)
         for _ in range(3):
             p.read()
         p.say("250 ok", "550 5.1.1 no such user", "250 ok")
@@ -415,9 +405,7 @@ def test_a_failed_data_phase_leaves_refused_recipients_their_own_answer(final: s
 
 def test_control_characters_in_replies_never_reach_results_or_transcript() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say(*EHLO_ALL)
+        p.greet(*EHLO_ALL)
         p.read()
         p.read()
         p.say("250 ok", "550 5.1.1 \x1b[31mred\x00\rno\tuser")
@@ -433,9 +421,7 @@ def test_control_characters_in_replies_never_reach_results_or_transcript() -> No
 
 def test_a_message_over_the_advertised_size_is_refused_before_mail_from() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say("250-mx.test", "250 SIZE 1000")
+        p.greet("250-mx.test", "250 SIZE 1000")
         assert p.read() == b""  # nothing sent
 
     peer = Peer(script)
@@ -450,9 +436,7 @@ def test_a_message_over_the_advertised_size_is_refused_before_mail_from() -> Non
 
 def test_a_refused_login_is_temporary_not_a_bounce() -> None:
     def script(p: Peer) -> None:
-        p.say("220 mx.test")
-        p.read()
-        p.say("250-mx.test", "250 AUTH PLAIN")
+        p.greet("250-mx.test", "250 AUTH PLAIN")
         p.read()
         p.say("535 5.7.8 authentication failed")
 
