@@ -360,21 +360,8 @@ def test_tempfail_then_accept_is_delivered_once(tmp_path: Path, processes: Proce
 
 
 def test_drop_mid_data_is_retried_not_lost(tmp_path: Path, processes: Processes) -> None:
-    port = free_port()
-    outdir = tmp_path / "raw"
-    processes.start(
-        [
-            PY,
-            str(PEERS / "smtp_peer.py"),
-            "--port",
-            str(port),
-            "--outdir",
-            str(outdir),
-            "--mode",
-            "drop-data-first",
-        ]
-    )
-    wait_for(lambda: (outdir / "ready").exists())
+    raw = start_peer(processes, tmp_path, "--mode", "drop-data-first")
+    port, outdir = raw.port, raw.outdir
     inst = remote_instance(
         tmp_path,
         free_port(),
@@ -396,21 +383,7 @@ def test_hanging_peer_times_out_and_others_still_delivered(
     tmp_path: Path, processes: Processes
 ) -> None:
     good = start_peer(processes, tmp_path)
-    port = free_port()
-    outdir = tmp_path / "hang"
-    processes.start(
-        [
-            PY,
-            str(PEERS / "smtp_peer.py"),
-            "--port",
-            str(port),
-            "--outdir",
-            str(outdir),
-            "--mode",
-            "hang",
-        ]
-    )
-    wait_for(lambda: (outdir / "ready").exists())
+    port = start_peer(processes, tmp_path, "--mode", "hang").port
     inst = remote_instance(
         tmp_path,
         free_port(),
