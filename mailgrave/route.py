@@ -29,7 +29,7 @@ class Hop:
     smarthost: bool = False
 
 
-def _split(spec: str, default_port: int) -> tuple[str, int, bool]:
+def split_spec(spec: str, default_port: int) -> tuple[str, int, bool]:
     """``[host]:port`` / ``host:port`` → (host, port, is_bracketed)."""
     bracketed = spec.startswith("[")
     if bracketed:
@@ -146,11 +146,14 @@ def route_for(config: Config, domain: str) -> tuple[str, bool]:
     return "", False
 
 
-def hops(config: Config, domain: str, resolver: Resolver | None = None) -> list[Hop]:
-    """Every host to try for ``domain``, in order. Raises PermFail/TempFail."""
-    spec, smart = route_for(config, domain)
+def hops(
+    config: Config, domain: str, resolver: Resolver | None = None, route: str | None = None
+) -> list[Hop]:
+    """Every host to try for ``domain``, in order; ``route`` (a route spec such as
+    ``[host]:port``) replaces the configured routing. Raises PermFail/TempFail."""
+    spec, smart = (route, False) if route else route_for(config, domain)
     if spec:
-        host, port, bracketed = _split(spec, config.remote.port)
+        host, port, bracketed = split_spec(spec, config.remote.port)
     else:
         host, port, bracketed = domain, config.remote.port, False
     try:

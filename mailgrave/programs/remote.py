@@ -79,6 +79,13 @@ class Delivery:
     def __init__(self, config: Config, override: str | None = None, login: str | None = None):
         self.config = config
         self.override = override
+        # --host/--relay: that host itself, no MX lookup, whatever the routes say.
+        self.route: str | None = None
+        if override:
+            from mailgrave.route import split_spec
+
+            host, port, _ = split_spec(override, config.remote.port)
+            self.route = f"{host if host.startswith('[') else f'[{host}]'}:{port}"
         self.login = login if login is not None else config.remote.smarthost.login
         self.sessions = Sessions()
         t = config.remote.timeout
@@ -107,14 +114,7 @@ class Delivery:
         return self._contexts[verify]
 
     def _hops(self, domain: str) -> list[Hop]:
-        if self.override:
-            from mailgrave.route import _split
-
-            host, port, _ = _split(self.override, self.config.remote.port)
-            spec = host if host.startswith("[") else f"[{host}]"
-            cfg = _with_route(self.config, domain, f"{spec}:{port}")
-            return hops(cfg, domain)
-        return hops(self.config, domain)
+        return hops(self.config, domain, route=self.route)
 
     def _open(self, hop: Hop, address: str, plain: bool = False) -> Client:
         """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS."""
@@ -212,15 +212,6 @@ class Delivery:
                         self.sessions.give(key, client)
                     return results, transcript
         return [("Z", last)] * len(rcpts), transcript
-
-
-def _with_route(config: Config, domain: str, spec: str) -> Config:
-    import dataclasses
-
-    from mailgrave.config import _FrozenDict
-
-    remote = dataclasses.replace(config.remote, routes=_FrozenDict({domain: spec}))
-    return dataclasses.replace(config, remote=remote)
 
 
 def _blocks(fd: int) -> Iterator[bytes]:
