@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+
+BLOCK = 1 << 16
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -19,3 +22,15 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def blocks(fd: int) -> Iterator[bytes]:
+    """A spool message's bytes from offset 0 with ``pread`` (the fd's position is
+    shared with whoever passed it, so it is never moved), in bounded pieces."""
+    offset = 0
+    while True:
+        data = os.pread(fd, BLOCK, offset)
+        if not data:
+            return
+        offset += len(data)
+        yield data

@@ -16,22 +16,12 @@ import time
 from collections.abc import Iterator
 
 from mailgrave.errors import PermFail, TempFail
-from mailgrave.fileio import fsync_dir, write_all
+from mailgrave.fileio import blocks, fsync_dir, write_all
 
-BLOCK = 1 << 16
+BLOCK = 1 << 16  # write buffer for mbox quoting
 DOTLOCK_STALE = 300.0
 PIPE_TIMEOUT = 600.0
 _counter = 0
-
-
-def blocks(fd: int) -> Iterator[bytes]:
-    offset = 0
-    while True:
-        data = os.pread(fd, BLOCK, offset)
-        if not data:
-            return
-        offset += len(data)
-        yield data
 
 
 def lines(fd: int) -> Iterator[bytes]:

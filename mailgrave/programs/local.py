@@ -29,7 +29,7 @@ from mailgrave import log as logmod
 from mailgrave import maillog
 from mailgrave.config import Config
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, PermFail, TempFail, exit_for
-from mailgrave.fileio import write_all
+from mailgrave.fileio import blocks, write_all
 from mailgrave.local import mailbox
 from mailgrave.local.routing import Router, Target
 
@@ -80,7 +80,7 @@ def _forward(config: Config, fd: int, sender: str, rcpt: str, addresses: list[st
     qc = QueueClient(config.socket_path("queue.ctrl"), {}, Envelope(sender, tuple(addresses)))
     try:
         qc.write(f"Delivered-To: {rcpt}\n".encode("utf-8", "surrogateescape"))
-        for data in mailbox.blocks(fd):
+        for data in blocks(fd):
             qc.write(data)
     except BaseException:
         qc.abort()

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mailgrave import config as configmod
@@ -26,6 +25,7 @@ from mailgrave import log as logmod
 from mailgrave import maillog
 from mailgrave.config import Config
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, exit_for
+from mailgrave.fileio import blocks
 from mailgrave.route import Hop, hops, smarthost_password
 from mailgrave.smtp.client import Client, SMTPError, Timeouts, wire_format
 
@@ -188,7 +188,7 @@ class Delivery:
                             client = self._open(hop, address)
                         start = len(client.transcript)
                         results = client.deliver(
-                            sender, rcpts, wire_format(_blocks(fd)), size, needs_utf8
+                            sender, rcpts, wire_format(blocks(fd)), size, needs_utf8
                         )
                     except SMTPError as exc:
                         if client is not None:
@@ -212,12 +212,6 @@ class Delivery:
                         self.sessions.give(key, client)
                     return results, transcript
         return [("Z", last)] * len(rcpts), transcript
-
-
-def _blocks(fd: int) -> Iterator[bytes]:
-    from mailgrave.local.mailbox import blocks
-
-    return blocks(fd)
 
 
 # --- remote.ctrl --------------------------------------------------------------------
