@@ -1,21 +1,30 @@
 """mailgrave.yaml: loaded with ``yaml.safe_load`` into frozen, validated objects.
 
-Every section is a frozen dataclass whose fields carry a converter in their
-metadata; :func:`load` walks the YAML mapping, converts each value, and
+Every section is a frozen record (:mod:`mailgrave.record`) whose fields carry
+a converter; :func:`load` walks the YAML mapping, converts each value, and
 collects every problem as ``FILE: key.path: message`` so that
 ``mailgrave check`` can report them all at once.
+
+The compiled cache: parsing YAML (and importing it) costs more than the rest
+of a ``mailgrave-smtpd`` start in ``Accept=yes`` mode, so a successful parse
+stores the converted settings (plain types, :mod:`marshal`) in
+``/var/cache/mailgrave/USER/config``, keyed by the file's path, device,
+inode, size, mtime and ctime. The next start of any program as that user
+uses it when the key still matches, the file is owned by that user or root
+and nobody else may write it; anything else (stale, missing, foreign,
+unreadable, corrupt) means the YAML is parsed again. See mailgrave.yaml(5).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import os
-import re
-import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+
+from mailgrave.record import Record, field, record, section, specs
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 DEFAULT_PATH = "/etc/mailgrave/mailgrave.yaml"
 
@@ -76,6 +85,8 @@ def parse_size(value: object) -> int:
     """``10M`` → bytes; plain integers are bytes."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
+    import re
+
     m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", str(value), re.IGNORECASE)
     if isinstance(value, bool) or not m:
         raise _Bad(f"expected a size such as 10M, got {_quote(value)}")
@@ -86,6 +97,8 @@ def parse_duration(value: object) -> float:
     """``90s``, ``5m``, ``4h``, ``5d`` → seconds; plain numbers are seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)
+    import re
+
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
     if isinstance(value, bool) or not m:
         raise _Bad(f"expected a duration such as 90s, 5m, 4h or 5d, got {_quote(value)}")
@@ -132,9 +145,12 @@ def _mapping(item: Callable[[object], Any]) -> Callable[[object], Mapping[str, A
     return convert
 
 
-def _network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def _network(value: object) -> str:
+    """A network in its normal form (host bits cleared): ``10.1.2.3/8`` → ``10.0.0.0/8``."""
+    import ipaddress
+
     try:
-        return ipaddress.ip_network(_str(value), strict=False)
+        return str(ipaddress.ip_network(_str(value), strict=False))
     except ValueError:
         raise _Bad(f"expected a network such as 192.0.2.0/24, got {_quote(value)}") from None
 
@@ -149,6 +165,8 @@ def _domain(value: object) -> str:
 
 
 def _hostport(value: object) -> str:
+    import re
+
     text = _nonempty_str(value)
     if not re.fullmatch(r"(\[[^\]]+\]|[^\s:\[\]]+)(:\d{1,5})?", text):
         raise _Bad(f"expected host, [host], host:port or [host]:port, got {_quote(value)}")
@@ -156,13 +174,21 @@ def _hostport(value: object) -> str:
 
 
 def _ip(value: object) -> str:
+    import ipaddress
+
     try:
         return str(ipaddress.ip_address(_str(value)))
     except ValueError:
         raise _Bad(f"expected an IP address, got {_quote(value)}") from None
 
 
-class _FrozenDict(dict[str, Any]):
+if TYPE_CHECKING:
+    _Dict = dict[str, Any]
+else:
+    _Dict = dict
+
+
+class _FrozenDict(_Dict):
     """A dict that refuses changes, for mapping-valued settings."""
 
     def _refuse(self, *args: object, **kwargs: object) -> None:
@@ -174,22 +200,21 @@ class _FrozenDict(dict[str, Any]):
         return hash(tuple(sorted(self.items())))
 
 
-def _opt(convert: Callable[[object], Any], default: Any, doc: str = "") -> Any:
-    return field(default=default, metadata={"convert": convert, "doc": doc})
+def _opt(convert: Callable[[object], Any], default: Any) -> Any:
+    return field(default, convert)
 
 
-def _section(cls: type[Any]) -> Any:
-    return field(default_factory=cls, metadata={"section": cls})
+_section = section
 
 
-@dataclass(frozen=True)
-class TLS:
+@record
+class TLS(Record):
     certificate: str = _opt(_str, "")
     key: str = _opt(_str, "")
 
 
-@dataclass(frozen=True)
-class Smtpd:
+@record
+class Smtpd(Record):
     max_message_size: int = _opt(parse_size, 35 * 1024 * 1024)
     max_recipients: int = _opt(_int, 100)
     timeout: float = _opt(parse_duration, 300.0)
@@ -204,8 +229,8 @@ class Smtpd:
     tls: TLS = _section(TLS)
 
 
-@dataclass(frozen=True)
-class Local:
+@record
+class Local(Record):
     mailbox: str = _opt(_choice("maildir", "mbox"), "maildir")
     maildir: str = _opt(_nonempty_str, "Maildir/")
     mbox_dir: str = _opt(_nonempty_str, "/var/mail")
@@ -218,8 +243,8 @@ class Local:
     root_mailbox: str = _opt(_nonempty_str, "/var/mail/root")
 
 
-@dataclass(frozen=True)
-class Queue:
+@record
+class Queue(Record):
     lifetime: float = _opt(parse_duration, 5 * 86400.0)
     bounce_lifetime: float = _opt(parse_duration, 2 * 86400.0)
     warn_after: float = _opt(parse_duration, 4 * 3600.0)
@@ -230,23 +255,23 @@ class Queue:
     trusted_users: tuple[str, ...] = _opt(_list(_nonempty_str), ("root", "mailgrave-smtpd"))
 
 
-@dataclass(frozen=True)
-class Smarthost:
+@record
+class Smarthost(Record):
     host: str = _opt(_str, "")
     port: int = _opt(_int, 587)
     login: str = _opt(_str, "")
     password_file: str = _opt(_str, "")
 
 
-@dataclass(frozen=True)
-class DNS:
+@record
+class DNS(Record):
     nameservers: tuple[str, ...] = _opt(_list(_ip), ())
     port: int = _opt(_int, 53)
     timeout: float = _opt(parse_duration, 10.0)
 
 
-@dataclass(frozen=True)
-class Remote:
+@record
+class Remote(Record):
     tls: str = _opt(_choice("none", "opportunistic", "required", "verify"), "opportunistic")
     ca_file: str = _opt(_str, "")
     routes: Mapping[str, str] = _opt(_mapping(_hostport), _FrozenDict())
@@ -262,18 +287,15 @@ class Remote:
     destination_concurrency: int = _opt(_int, 4)  # connections per destination domain
 
 
-@dataclass(frozen=True)
-class Config:
+@record
+class Config(Record):
     path: str = ""
     hostname: str = _opt(_domain, "")
     origin: str = _opt(_domain, "")  # domain for bare local names; default: hostname
     spool: str = _opt(_nonempty_str, "/var/spool/mailgrave")
     run_dir: str = _opt(_nonempty_str, "/run/mailgrave")
     local_domains: tuple[str, ...] = _opt(_list(_domain), ())
-    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _opt(
-        _list(_network),
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
-    )
+    relay_networks: tuple[str, ...] = _opt(_list(_network), ("127.0.0.0/8", "::1/128"))
     smtpd: Smtpd = _section(Smtpd)
     local: Local = _section(Local)
     queue: Queue = _section(Queue)
@@ -287,16 +309,51 @@ class Config:
         return any(addr.rpartition("@")[2] == domain for addr in self.local.virtual)
 
     def may_relay(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        """Is ``ip`` (an IPv4-mapped IPv6 address counts as IPv4) in relay_networks?"""
+        addr = _ip_bits(ip)
+        if addr is None:
             return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.relay_networks)
+        nets = self.__dict__.get("_relay_nets")
+        if nets is None:
+            nets = self.__dict__["_relay_nets"] = [_net_bits(n) for n in self.relay_networks]
+        width, value = addr
+        return any(w == width and value >> (w - plen) == net >> (w - plen) for w, net, plen in nets)
 
     def socket_path(self, name: str) -> str:
         return os.path.join(self.run_dir, name)
+
+
+def _ip_bits(ip: str) -> tuple[int, int] | None:
+    """(32, n) for IPv4 (also IPv4-mapped IPv6), (128, n) for IPv6, None if not an address.
+
+    With inet_pton rather than :mod:`ipaddress`, whose import the smtpd path avoids.
+    """
+    import _socket
+
+    try:
+        return 32, int.from_bytes(_socket.inet_pton(_socket.AF_INET, ip), "big")
+    except OSError:
+        pass
+    try:
+        value = int.from_bytes(_socket.inet_pton(_socket.AF_INET6, ip), "big")
+    except OSError:
+        return None
+    if value >> 32 == 0xFFFF:
+        return 32, value & 0xFFFFFFFF
+    return 128, value
+
+
+def _net_bits(net: str) -> tuple[int, int, int]:
+    """(width, network, prefix length) of a network in relay_networks' normal form."""
+    addr, _, plen = net.partition("/")
+    bits = _ip_bits(addr)
+    if bits is None or (":" in addr and bits[0] == 32):
+        # ::ffff:a.b.c.d/n: compare as IPv6, as ipaddress would.
+        import _socket
+
+        bits = 128, int.from_bytes(_socket.inet_pton(_socket.AF_INET6, addr), "big")
+    width, value = bits
+    return width, value, int(plen) if plen else width
 
 
 def default_hostname() -> str:
@@ -308,17 +365,25 @@ def default_hostname() -> str:
                 return name.lower()
     except OSError:
         pass
+    import socket
+
     return socket.getfqdn().lower()
 
 
 def _build(cls: type[Any], data: object, where: str, path: str, problems: list[str]) -> Any:
+    """Convert the YAML mapping ``data`` into the plain settings of record ``cls``.
+
+    The result maps each key the file sets to its converted value (a sub-dict
+    for a section; a mapping setting stays a plain dict): what :func:`_make`
+    turns into records, and what the cache stores.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         problems.append(f"{path}: {where or 'top level'}: expected a mapping, got {_quote(data)}")
-        return cls()
-    kwargs: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata}
+        return {}
+    settings: dict[str, Any] = {}
+    fields = specs(cls)
     for key, value in data.items():
         name = str(key)
         keypath = f"{where}.{name}" if where else name
@@ -326,18 +391,35 @@ def _build(cls: type[Any], data: object, where: str, path: str, problems: list[s
         if f is None:
             problems.append(f"{path}: {keypath}: unknown key")
             continue
-        if "section" in f.metadata:
-            kwargs[name] = _build(f.metadata["section"], value, keypath, path, problems)
+        if f.section is not None:
+            settings[name] = _build(f.section, value, keypath, path, problems)
             continue
+        assert f.convert is not None
         try:
-            kwargs[name] = f.metadata["convert"](value)
+            converted = f.convert(value)
         except _Bad as exc:
             problems.append(f"{path}: {keypath}: {exc}")
+            continue
+        settings[name] = dict(converted) if isinstance(converted, dict) else converted
+    return settings
+
+
+def _make(cls: type[Any], settings: dict[str, Any]) -> Any:
+    """The record ``cls`` from plain settings (from :func:`_build` or the cache)."""
+    fields = specs(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in settings.items():
+        f = fields[name]
+        if f.section is not None:
+            kwargs[name] = _make(f.section, value)
+        elif isinstance(value, dict):
+            kwargs[name] = _FrozenDict(value)
+        else:
+            kwargs[name] = value
     return cls(**kwargs)
 
 
-def parse_text(text: str, path: str = "<string>") -> Config:
-    """Parse YAML text into a :class:`Config`; raise :class:`ConfigError` listing every problem."""
+def _parse(text: str, path: str) -> dict[str, Any]:
     import yaml
 
     try:
@@ -347,29 +429,206 @@ def parse_text(text: str, path: str = "<string>") -> Config:
         line = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError([f"{path}: not valid YAML{line}"]) from None
     problems: list[str] = []
-    config: Config = _build(Config, data, "", path, problems)
+    settings: dict[str, Any] = _build(Config, data, "", path, problems)
     if problems:
         raise ConfigError(problems)
+    return settings
+
+
+def _finish(settings: dict[str, Any], path: str) -> Config:
+    config: Config = _make(Config, settings)
+    # Not part of the file (nor of the cache): the host's name when the file has none.
     if not config.hostname:
-        config = dataclasses.replace(config, hostname=default_hostname())
-    return dataclasses.replace(config, path=path)
+        config = config.replace(hostname=default_hostname())
+    return config.replace(path=path)
 
 
-def load(path: str | None = None) -> Config:
-    """Load ``path`` (default ``/etc/mailgrave/mailgrave.yaml``; if that is absent, defaults)."""
+def parse_text(text: str, path: str = "<string>") -> Config:
+    """Parse YAML text into a :class:`Config`; raise :class:`ConfigError` listing every problem."""
+    return _finish(_parse(text, path), path)
+
+
+# --- the compiled cache
+
+CACHE_ROOT = "/var/cache/mailgrave"
+_CACHE_FORMAT = "mailgrave-config-cache 1"
+# The file: this magic, the CRC-32 of the rest (big-endian), then marshal data.
+_CACHE_MAGIC = b"MGc1"
+
+
+def cache_dir() -> str | None:
+    """This user's cache directory, ``CACHE_ROOT/USER``, or None without a user name."""
+    import pwd
+
+    try:
+        name = pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, OSError):
+        return None
+    if not name or "/" in name or name.startswith("."):
+        return None
+    return f"{CACHE_ROOT}/{name}"
+
+
+def _cache_key(path: str, st: os.stat_result) -> tuple[Any, ...]:
+    """What a cache must match: the file (path, identity, size, times) and this code."""
+    from mailgrave import __version__
+
+    code = os.stat(__file__)
+    return (
+        _CACHE_FORMAT,
+        __version__,
+        code.st_size,
+        code.st_mtime_ns,
+        os.path.abspath(path),
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+    )
+
+
+def _trusted(st: os.stat_result) -> bool:
+    """Owned by this user or by root, a regular file, and nobody else may write it."""
+    import stat
+
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_uid in (0, os.geteuid())
+        and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+def read_cache(key: tuple[Any, ...], directory: str | None) -> dict[str, Any] | None:
+    """The cached settings for ``key``, or None (absent, stale, untrusted or unreadable)."""
+    if directory is None:
+        return None
+    try:
+        fd = os.open(f"{directory}/config", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not _trusted(os.fstat(fd)):
+            return None
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    import marshal
+    import zlib
+
+    data = b"".join(chunks)
+    payload = data[8:]
+    # The checksum keeps a torn or damaged file away from marshal, which is only
+    # safe on data it wrote itself; the owner check keeps other users' files away.
+    if data[:4] != _CACHE_MAGIC or int.from_bytes(data[4:8], "big") != zlib.crc32(payload):
+        return None
+    try:
+        stored_key, settings = marshal.loads(payload)  # noqa: S302 (see above)
+    except Exception:
+        return None
+    if stored_key != key or not isinstance(settings, dict):
+        return None
+    return settings
+
+
+def write_cache(key: tuple[Any, ...], settings: dict[str, Any], directory: str | None) -> bool:
+    """Store ``settings`` under ``key``, atomically (temporary file, then rename); True if done.
+
+    Root creates its own directory when missing; other users need theirs
+    (the package creates them). Failures only cost the next start a parse.
+    """
+    import marshal
+    import zlib
+
+    if directory is None:
+        return False
+    if os.geteuid() == 0 and directory.startswith(CACHE_ROOT + "/"):
+        try:
+            os.makedirs(CACHE_ROOT, 0o755, exist_ok=True)
+            os.mkdir(directory, 0o700)
+        except OSError:
+            pass
+    tmp = f"{directory}/.config.{os.getpid()}"
+    try:
+        payload = marshal.dumps((key, settings))
+        data = _CACHE_MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+    except (OSError, ValueError):
+        return False
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.rename(tmp, f"{directory}/config")
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+    return True
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (
+        b.st_dev,
+        b.st_ino,
+        b.st_size,
+        b.st_mtime_ns,
+        b.st_ctime_ns,
+    )
+
+
+def load(path: str | None = None, *, cache: bool = True) -> Config:
+    """Load ``path`` (default ``/etc/mailgrave/mailgrave.yaml``; if that is absent, defaults).
+
+    With ``cache``, the compiled cache stands in for the YAML when it matches
+    the file, and a parse refreshes it (see the module's docstring).
+    """
     explicit = path is not None
     path = path or DEFAULT_PATH
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         if explicit:
             raise ConfigError([f"{path}: cannot read: no such file"]) from None
-        return dataclasses.replace(Config(hostname=default_hostname()), path=path)
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        return Config(hostname=default_hostname(), path=path)
+    except OSError as exc:
+        reason = exc.strerror or "error"
         raise ConfigError([f"{path}: cannot read: {reason.lower()}"]) from None
-    return parse_text(text, path)
+    try:
+        before = os.fstat(fd)
+        key = _cache_key(path, before)
+        directory = cache_dir() if cache else None
+        settings = read_cache(key, directory)
+        if settings is not None:
+            try:
+                return _finish(settings, path)
+            except Exception:  # a cache that does not fit these records: parse instead
+                pass
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            text = b"".join(chunks).decode("utf-8")
+            after = os.fstat(fd)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise ConfigError([f"{path}: cannot read: {reason.lower()}"]) from None
+    finally:
+        os.close(fd)
+    settings = _parse(text, path)
+    if directory is not None and _same_file(before, after):
+        write_cache(key, settings, directory)
+    return _finish(settings, path)
 
 
 def load_or_exit(path: str | None, prog: str, status: int = 111) -> Config:

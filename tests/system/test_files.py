@@ -3,7 +3,6 @@ sysusers and tmpfiles agree with the code and with each other."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailgrave import config as configmod
+from mailgrave.record import specs
 from mailgrave.spool import SUBDIRS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,11 +39,11 @@ def test_shipped_config_is_valid_and_its_comments_show_the_defaults() -> None:
 
 def _keys(cls: type, prefix: str = "") -> list[str]:
     out = []
-    for f in dataclasses.fields(cls):
-        if "section" in f.metadata:
-            out += _keys(f.metadata["section"], f"{prefix}{f.name}.")
-        elif f.metadata:
-            out.append(prefix + f.name)
+    for name, f in specs(cls).items():
+        if f.section is not None:
+            out += _keys(f.section, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
     return out
 
 
