@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from mailgrave.record import Record, record
 
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
@@ -13,8 +13,8 @@ class AddressError(ValueError):
     """An address that RFC 5321 (or MailGrave) does not accept; the text is safe to show."""
 
 
-@dataclass(frozen=True)
-class Address:
+@record
+class Address(Record):
     """A validated ``local@domain`` mailbox; ``domain`` is lower-case A-labels."""
 
     local: str

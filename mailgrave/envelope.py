@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import BinaryIO
-
 from mailgrave.address import AddressError, parse
+from mailgrave.record import Record, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 MAX_ENVELOPE = 1024 * 1024
 
@@ -14,8 +16,8 @@ class EnvelopeError(ValueError):
     """A malformed envelope; permanent."""
 
 
-@dataclass(frozen=True)
-class Envelope:
+@record
+class Envelope(Record):
     """Sender (``""`` for the null sender) and at least one recipient."""
 
     sender: str

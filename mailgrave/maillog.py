@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
+from mailgrave.log import INFO, WARNING, emit, quote
 
-from mailgrave.log import quote
-
-log = logging.getLogger("mailgrave")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 def _emit(level: int, text: str, **fields: object) -> None:
-    log.log(level, text, extra={"fields": {f"MAILGRAVE_{k.upper()}": v for k, v in fields.items()}})
+    emit(level, text, {f"MAILGRAVE_{k.upper()}": v for k, v in fields.items()})
 
 
 def queued(qid: str, sender: str, recipients: Iterable[str], size: int, origin: str) -> None:
     rcpts = list(recipients)
     _emit(
-        logging.INFO,
+        INFO,
         f"{qid}: queued from=<{sender}> to=<{'>,<'.join(rcpts)}> size={size} origin={origin}",
         qid=qid,
         status="queued",
@@ -27,7 +26,7 @@ def queued(qid: str, sender: str, recipients: Iterable[str], size: int, origin: 
 
 def delivered(qid: str, rcpt: str, via: str, reply: str) -> None:
     _emit(
-        logging.INFO,
+        INFO,
         f"{qid}: delivered to=<{rcpt}> via={via} reply={quote(reply, 200)}",
         qid=qid,
         rcpt=rcpt,
@@ -37,7 +36,7 @@ def delivered(qid: str, rcpt: str, via: str, reply: str) -> None:
 
 def deferred(qid: str, rcpt: str, via: str, reply: str, next_attempt: str) -> None:
     _emit(
-        logging.WARNING,
+        WARNING,
         f"{qid}: deferred to=<{rcpt}> via={via} reply={quote(reply, 200)} next={next_attempt}",
         qid=qid,
         rcpt=rcpt,
@@ -47,7 +46,7 @@ def deferred(qid: str, rcpt: str, via: str, reply: str, next_attempt: str) -> No
 
 def failed(qid: str, rcpt: str, via: str, reply: str) -> None:
     _emit(
-        logging.WARNING,
+        WARNING,
         f"{qid}: failed to=<{rcpt}> via={via} reply={quote(reply, 200)}",
         qid=qid,
         rcpt=rcpt,
@@ -57,7 +56,7 @@ def failed(qid: str, rcpt: str, via: str, reply: str) -> None:
 
 def bounced(qid: str, bounce_qid: str, sender: str, recipients: Iterable[str]) -> None:
     _emit(
-        logging.INFO,
+        INFO,
         f"{qid}: bounce {bounce_qid} to=<{sender}> for <{'>,<'.join(recipients)}>",
         qid=qid,
         status="bounced",
@@ -65,12 +64,12 @@ def bounced(qid: str, bounce_qid: str, sender: str, recipients: Iterable[str]) -
 
 
 def removed(qid: str, reason: str) -> None:
-    _emit(logging.INFO, f"{qid}: removed ({reason})", qid=qid, status="removed")
+    _emit(INFO, f"{qid}: removed ({reason})", qid=qid, status="removed")
 
 
 def rejected(stage: str, client: str, reason: str, **fields: object) -> None:
     """A refusal by smtpd or inject; ``reason`` must already be quoted where it is client text."""
-    _emit(logging.INFO, f"reject {stage} from {client}: {reason}", status="rejected", **fields)
+    _emit(INFO, f"reject {stage} from {client}: {reason}", status="rejected", **fields)
 
 
 def attempt(qid: str, rcpt: str, agent: str, line: str) -> None:
@@ -81,7 +80,7 @@ def attempt(qid: str, rcpt: str, agent: str, line: str) -> None:
     """
     outcome = {"K": "ok", "Z": "temporary failure", "D": "permanent failure"}.get(line[:1], "?")
     _emit(
-        logging.INFO if line[:1] == "K" else logging.WARNING,
+        INFO if line[:1] == "K" else WARNING,
         f"{qid}: {agent} to=<{rcpt}> {outcome}: {quote(line[1:], 300)}",
         qid=qid,
         rcpt=rcpt,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import socket
+# _socket: socket.py would import enum and selectors in every mailgrave-smtpd
+# started per connection (Accept=yes); a stream socket needs none of it.
+import _socket as socket
 import struct
 import time
 

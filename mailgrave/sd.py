@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 SD_LISTEN_FDS_START = 3
 
@@ -22,6 +25,8 @@ def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
             os.environ.pop(name, None)
     if not count.isdigit() or (pid and pid != str(os.getpid())):
         return []
+    import socket
+
     sockets = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
         os.set_inheritable(fd, False)
@@ -30,21 +35,33 @@ def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
 
 
 def stdin_socket() -> socket.socket | None:
-    """fd 0 as a socket when it is one (inetd style, systemd ``Accept=yes``)."""
+    """fd 0 as a socket when it is one (inetd style, systemd ``Accept=yes``).
+
+    A ``_socket.socket``: the same methods for a session, without importing
+    :mod:`socket` (and enum, selectors) in a process started per connection.
+    """
+    import _socket
+
     try:
-        sock = socket.socket(fileno=os.dup(0))
+        fd = os.dup(0)
     except OSError:
         return None
     try:
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        sock = _socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
+    try:
+        sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_TYPE)
     except OSError:
         sock.close()
         return None
-    return sock
+    return sock  # type: ignore[return-value]
 
 
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of a Unix-socket peer (SO_PEERCRED), or None."""
+    import socket
     import struct
 
     try:

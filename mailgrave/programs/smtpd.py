@@ -8,29 +8,53 @@ same as ``LISTEN_FDS``, with a socket of its own).
 
 from __future__ import annotations
 
-import argparse
-import ipaddress
-import logging
 import os
 import select
-import signal
-import socket
 import sys
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from mailgrave import config as configmod
+from mailgrave import log as mglog
 from mailgrave import maillog
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, PermFail, TempFail
 from mailgrave.fileio import write_all
 from mailgrave.smtp import replies as R
 from mailgrave.smtp import server as S
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from mailgrave.queueclient import QueueClient
+    import signal
+    import socket
+    from typing import Any
 
-log = logging.getLogger(__name__)
+    from mailgrave.queueclient import QueueClient
+else:
+    import _socket
+
+    class _LazyModule:
+        """A module imported when first used. In Accept=yes mode every import is paid
+        per connection: ``signal`` (only the listener needs it) and ``socket`` (enum,
+        selectors) are not imported for one session; a session's socket is a
+        ``_socket.socket``, and the upper-case constants come from ``_socket``."""
+
+        def __init__(self, name, constants=None):
+            self._name = name
+            self._constants = constants
+
+        def __getattr__(self, attr):
+            if self._constants is not None and attr.isupper():
+                try:
+                    return getattr(self._constants, attr)
+                except AttributeError:
+                    pass
+            module = __import__(self._name)
+            self.__dict__[attr] = value = getattr(module, attr)
+            return value
+
+    signal = _LazyModule("signal")
+    socket = _LazyModule("socket", _socket)
+
+log = mglog.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
 REAP_INTERVAL = 0.5
@@ -38,21 +62,14 @@ DRAIN_TIME = 1.0  # seconds spent reading what the client still sends, on close
 DRAIN_LIMIT = 1024 * 1024
 
 
-@dataclass
 class ConfigPolicy:
     """The server's policy from mailgrave.yaml for one client address."""
 
-    config: configmod.Config
-    client_ip: str
-    hostname: str = ""
-    max_message_size: int = 0
-    max_recipients: int = 0
-    max_errors: int = 0
-    tls_available: bool = False
-
-    def __post_init__(self) -> None:
-        smtpd = self.config.smtpd
-        self.hostname = self.config.hostname
+    def __init__(self, config: configmod.Config, client_ip: str) -> None:
+        smtpd = config.smtpd
+        self.config = config
+        self.client_ip = client_ip
+        self.hostname = config.hostname
         self.max_message_size = smtpd.max_message_size
         self.max_recipients = smtpd.max_recipients
         self.max_errors = smtpd.max_errors
@@ -167,13 +184,30 @@ def _client_ip(sock: socket.socket | None) -> str:
 
 
 def _plain_ip(ip: str) -> str:
+    """The address in its usual text form; an IPv4-mapped IPv6 address as IPv4.
+
+    With inet_pton/inet_ntop rather than :mod:`ipaddress` (an import per
+    connection in Accept=yes mode); the rare forms whose text inet_ntop writes
+    differently from ipaddress (IPv4-compatible ``::a.b.c.d``) go to ipaddress.
+    """
+    import _socket
+
+    ip = ip.split("%")[0]
     try:
-        addr = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
+        return _socket.inet_ntop(_socket.AF_INET, _socket.inet_pton(_socket.AF_INET, ip))
+    except OSError:
+        pass
+    try:
+        packed = _socket.inet_pton(_socket.AF_INET6, ip)
+    except OSError:
         return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return str(addr.ipv4_mapped)
-    return str(addr)
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return _socket.inet_ntop(_socket.AF_INET, packed[12:])
+    if packed[:12] != b"\0" * 12:
+        return _socket.inet_ntop(_socket.AF_INET6, packed)
+    import ipaddress
+
+    return str(ipaddress.IPv6Address(packed))
 
 
 class Session:
@@ -431,7 +465,7 @@ class Listener:
                 log.exception("session failed")
                 code = EXIT_TEMP
             finally:
-                logging.shutdown()
+                mglog.shutdown()
                 os._exit(code)
         self.children[pid] = ip
         conn.close()
@@ -446,7 +480,9 @@ def _bind(addr: str, port: int) -> socket.socket:
     return sock
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> Any:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="mailgrave-smtpd",
         description="MailGrave's SMTP server. With no listening socket (LISTEN_FDS) and no "
@@ -456,12 +492,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", metavar="ADDR", help="listen on ADDR (with --port)")
     parser.add_argument("--port", metavar="N", type=int, help="listen on TCP port N")
     parser.add_argument("--debug", action="store_true", help="log debugging details")
-    args = parser.parse_args(argv)
-    config = configmod.load_or_exit(args.config, "mailgrave-smtpd")
-    from mailgrave import log as logsetup
+    return parser
 
-    logsetup.setup("smtpd", debug=args.debug)
+
+class _Args:
+    config: str | None = None
+    bind: str | None = None
+    port: int | None = None
+    debug = False
+
+
+def _parse_args(argv: list[str]) -> Any:
+    """The command line. The forms a unit uses (nothing, ``--config PATH``,
+    ``--config=PATH``, ``--debug``) are read here; anything else, ``--help``
+    and every error go to argparse, whose import a per-connection start avoids."""
+    args = _Args()
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--debug":
+            args.debug = True
+        elif arg == "--config" and rest and not rest[0].startswith("-"):
+            args.config = rest.pop(0)
+        elif arg.startswith("--config=") and len(arg) > len("--config="):
+            args.config = arg[len("--config=") :]
+        else:
+            return _parser().parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    config = configmod.load_or_exit(args.config, "mailgrave-smtpd")
     if args.bind or args.port is not None:
+        mglog.setup("smtpd", debug=args.debug)
         try:
             sockets = [_bind(args.bind or "127.0.0.1", args.port or 25)]
         except OSError as exc:
@@ -472,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
 
     listeners = sd.listen_fds()
     if listeners:
+        mglog.setup("smtpd", debug=args.debug)
         return Listener(config, listeners).run()
+    # One connection on stdin/stdout: nothing here uses the stdlib's logging.
+    mglog.setup("smtpd", debug=args.debug, stdlib=False)
     sock = sd.stdin_socket()
     try:
         serve_connection(config, sock)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from mailgrave.record import Record, record
 
 
-@dataclass(frozen=True)
-class Reply:
+@record
+class Reply(Record):
     """One reply; ``lines`` holds more text lines for a multi-line reply."""
 
     code: int

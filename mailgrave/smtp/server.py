@@ -13,14 +13,17 @@ sockets.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
-
 from mailgrave import address
+from mailgrave.record import Record, record
 from mailgrave.smtp import replies as R
 from mailgrave.smtp.replies import Reply
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+else:
+    Protocol = object
 
 MAX_LINE = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6)
 HTTP_VERBS = frozenset({"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "DELETE", "PATCH"})
@@ -46,15 +49,15 @@ class Policy(Protocol):
 # --- events
 
 
-@dataclass(frozen=True)
-class Output:
+@record
+class Output(Record):
     """Bytes to send to the client."""
 
     data: bytes
 
 
-@dataclass(frozen=True)
-class MessageStart:
+@record
+class MessageStart(Record):
     """DATA was accepted: open a submission to the queue."""
 
     sender: str
@@ -63,43 +66,43 @@ class MessageStart:
     proto: str
 
 
-@dataclass(frozen=True)
-class MessageData:
+@record
+class MessageData(Record):
     """Message bytes, dot-unstuffed, CRLF line ends."""
 
     data: bytes
 
 
-@dataclass(frozen=True)
-class MessageComplete:
+@record
+class MessageComplete(Record):
     """The final dot arrived and the message is acceptable: commit it, then call
     :meth:`Server.message_queued` or :meth:`Server.message_failed`."""
 
     size: int
 
 
-@dataclass(frozen=True)
-class MessageAborted:
+@record
+class MessageAborted(Record):
     """The message was refused (reply already in the output): abort the submission."""
 
     reply: Reply
 
 
-@dataclass(frozen=True)
-class StartTLS:
+@record
+class StartTLS(Record):
     """Do the TLS handshake now, then call :meth:`Server.tls_started`."""
 
 
-@dataclass(frozen=True)
-class Rejected:
+@record
+class Rejected(Record):
     """A refusal worth a log line; ``reason`` is already safe for the log."""
 
     stage: str
     reason: str
 
 
-@dataclass(frozen=True)
-class Close:
+@record
+class Close(Record):
     """Close the connection (after sending any output before it)."""
 
     reason: str
@@ -117,7 +120,9 @@ Event = (
 )
 
 
-class State(enum.Enum):
+class State:
+    """The session's states (plain strings: no enum import on the per-connection path)."""
+
     CONNECTED = "connected"  # greeting sent, no EHLO/HELO yet
     READY = "ready"  # after EHLO/HELO or RSET
     MAIL = "mail"  # sender given
@@ -133,7 +138,7 @@ _HELLOED = frozenset({State.READY, State.MAIL, State.RCPT})
 
 # verb -> (states where it is allowed, the reply when it is not, next state on success)
 # A next state of None keeps the current state.
-TRANSITIONS: dict[str, tuple[frozenset[State], Reply, State | None]] = {
+TRANSITIONS: dict[str, tuple[frozenset[str], Reply, str | None]] = {
     "EHLO": (_ANY, R.BAD_SEQUENCE, State.READY),
     "HELO": (_ANY, R.BAD_SEQUENCE, State.READY),
     "MAIL": (frozenset({State.READY}), R.NEED_HELO, State.MAIL),
@@ -156,8 +161,8 @@ class PathError(ValueError):
         self.reply = reply
 
 
-@dataclass(frozen=True)
-class Path:
+@record
+class Path(Record):
     """A parsed reverse- or forward-path: ``local`` unquoted, ``domain`` A-labels ('' for <>)."""
 
     local: str
