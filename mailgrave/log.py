@@ -218,7 +218,9 @@ def setup(program: str, debug: bool = False, stdlib: bool = True) -> None:
     """
     _out.identifier = f"mailgrave-{program}" if not program.startswith("mailgrave") else program
     _out.level = DEBUG if debug else INFO
-    _out.journal = _journal_socket()
+    old, _out.journal = _out.journal, _journal_socket()
+    if old is not None:
+        old.close()  # type: ignore[attr-defined]
     _out.stderr = _out.journal is None or sys.stderr.isatty()
     if stdlib:
         _route_stdlib(debug)
