@@ -40,9 +40,14 @@ $(VENV)/.deps-stamp: Makefile
 	@mkdir -p $(VENV) && touch $@
 
 venv: $(VENV)/.venv-stamp
-$(VENV)/.venv-stamp: pyproject.toml $(VENV)/.deps-stamp
+$(VENV)/.venv-stamp: pyproject.toml packaging/bin/mailgrave-smtpd.in $(VENV)/.deps-stamp
 	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e . ruff mypy
+	# As the .deb does: mailgrave-smtpd (started per connection) through the
+	# python -S launcher (-S only: the bench's --source still uses PYTHONPATH).
+	sed -e 's|@PYTHON@|$(CURDIR)/$(BIN)/python|' -e 's|@FLAGS@|-S|' -e 's|@PKGDIR@|$(CURDIR)|' \
+		packaging/bin/mailgrave-smtpd.in > $(BIN)/mailgrave-smtpd
+	chmod 755 $(BIN)/mailgrave-smtpd
 	@touch $@
 
 run: venv
