@@ -535,11 +535,17 @@ def read_cache(key: tuple[Any, ...], directory: str | None) -> dict[str, Any] | 
     return settings
 
 
-def write_cache(key: tuple[Any, ...], settings: dict[str, Any], directory: str | None) -> bool:
+def write_cache(
+    key: tuple[Any, ...],
+    settings: dict[str, Any],
+    directory: str | None,
+    owner: tuple[int, int] | None = None,
+) -> bool:
     """Store ``settings`` under ``key``, atomically (temporary file, then rename); True if done.
 
     Root creates its own directory when missing; other users need theirs
     (the package creates them). Failures only cost the next start a parse.
+    ``owner`` (root only): the uid and gid the file is given.
     """
     import marshal
     import zlib
@@ -565,6 +571,8 @@ def write_cache(key: tuple[Any, ...], settings: dict[str, Any], directory: str |
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if owner is not None:
+                os.fchown(fd, *owner)
         finally:
             os.close(fd)
         os.rename(tmp, f"{directory}/config")
@@ -629,6 +637,54 @@ def load(path: str | None = None, *, cache: bool = True) -> Config:
     if directory is not None and _same_file(before, after):
         write_cache(key, settings, directory)
     return _finish(settings, path)
+
+
+def refresh_caches(path: str) -> list[str]:
+    """Parse ``path`` (never from a cache) and write the cache: this user's, or as
+    root every user's directory under :data:`CACHE_ROOT` (each file given to the
+    directory's owner). Raise :class:`ConfigError` for a bad file; return the
+    directories written. ``mailgrave check`` calls it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {(exc.strerror or 'error').lower()}"]) from None
+    try:
+        before = os.fstat(fd)
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read: not utf-8 text"]) from None
+    settings = _parse(text, path)
+    if not _same_file(before, after):
+        return []  # being edited: the next start parses it
+    key = _cache_key(path, before)
+    targets: list[tuple[str, tuple[int, int] | None]] = []
+    written: list[str] = []
+    if os.geteuid() == 0:
+        own = cache_dir()
+        # First root's own (write_cache creates the directories if need be).
+        if own is not None and write_cache(key, settings, own):
+            written.append(own)
+        try:
+            entries = list(os.scandir(CACHE_ROOT))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and entry.path != own:
+                st = entry.stat(follow_symlinks=False)
+                targets.append((entry.path, (st.st_uid, st.st_gid)))
+    else:
+        targets.append((cache_dir() or "", None))
+    for directory, owner in targets:
+        if directory and write_cache(key, settings, directory, owner):
+            written.append(directory)
+    return sorted(written)
 
 
 def load_or_exit(path: str | None, prog: str, status: int = 111) -> Config:

@@ -17,7 +17,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Report every problem in the configuration; exit non-zero when there is one."""
     path = args.config or configmod.DEFAULT_PATH
     try:
-        config = configmod.load(path)
+        # The file itself, never the compiled cache; then the caches are renewed.
+        config = configmod.load(path, cache=False)
+        if os.path.exists(path):
+            configmod.refresh_caches(path)
     except configmod.ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -109,3 +109,17 @@ def test_queue_tools_defer_to_a_running_send(instance: Instance, processes: Proc
     assert instance.run("mailgrave-send").returncode == 0  # applies the request
     assert not (instance.spool / "ctl" / f"{a}.hold").exists()
     assert "(held)" in instance.run("mailgrave", "queue", "show", a).stdout.decode()
+
+
+def test_check_parses_the_file_and_renews_the_cache(instance: Instance) -> None:
+    from mailgrave import config as configmod
+
+    cfg = instance.config_path
+    check = [program("mailgrave"), "check", "--config", str(cfg)]
+    assert subprocess.run(check, capture_output=True).returncode == 0
+    key = configmod._cache_key(str(cfg), cfg.stat())
+    assert configmod.read_cache(key, configmod.cache_dir()) is not None
+    # A stale cache is no excuse: check reads the file itself.
+    cfg.write_text(cfg.read_text() + "smtpd: {max_errors: many}\n")
+    res = subprocess.run(check, capture_output=True)
+    assert res.returncode == 1 and b"max_errors" in res.stderr

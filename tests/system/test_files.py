@@ -111,3 +111,15 @@ def test_control_sockets_match_the_configured_run_dir() -> None:
     for name in ("queue", "local", "remote"):
         text = (ROOT / "systemd" / f"mailgrave-{name}.socket").read_text()
         assert f"ListenStream={run_dir}/{name}.ctrl" in text
+
+
+@pytest.mark.parametrize("unit", [u for u in UNITS if u.suffix == ".service"], ids=lambda p: p.name)
+def test_each_service_may_write_its_users_config_cache(unit: Path) -> None:
+    """The compiled config cache: a directory per user from tmpfiles, writable in the unit."""
+    user = re.search(r"^User=(\S+)", unit.read_text(), re.M)
+    assert user
+    path = f"{configmod.CACHE_ROOT}/{user.group(1)}"
+    assert f"ReadWritePaths=-{path}\n" in unit.read_text()
+    tmpfiles = (ROOT / "packaging" / "tmpfiles.d" / "mailgrave.conf").read_text()
+    line = re.search(rf"^d\s+{re.escape(path)}\s+(\S+)\s+(\S+)\s+(\S+)", tmpfiles, re.M)
+    assert line and line.groups() == ("0700", user.group(1), user.group(1))

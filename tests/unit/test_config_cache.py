@@ -169,3 +169,44 @@ def test_the_host_name_default_is_not_cached(
     assert config.load(str(conf)).hostname == "first.example"
     monkeypatch.setattr(config, "default_hostname", lambda: "second.example")
     assert config.load(str(conf)).hostname == "second.example"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes other users' caches as root")
+def test_refresh_as_root_writes_every_users_cache_for_that_user(
+    cache_root: Path, tmp_path: Path
+) -> None:
+    from tests.conftest import make_traversable
+
+    make_traversable(tmp_path)
+    conf = tmp_path / "shared.yaml"
+    conf.write_text(YAML)
+    conf.chmod(0o644)
+    nobody = pwd.getpwnam("nobody")
+    (cache_root / "nobody").mkdir(parents=True, mode=0o700)
+    os.chown(cache_root / "nobody", nobody.pw_uid, nobody.pw_gid)
+    (cache_root / "elsewhere").symlink_to(tmp_path)  # never followed
+    written = config.refresh_caches(str(conf))
+    assert written == sorted([str(cache_root / "nobody"), str(cache_root / "root")])
+    st = (cache_root / "nobody" / "config").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (nobody.pw_uid, 0o600)
+    assert not (tmp_path / "config").exists()
+    # As nobody, the cache is trusted and used: the load works without YAML.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            sys.modules["yaml"] = None  # type: ignore[assignment]
+            ok = config.load(str(conf)).smtpd.max_recipients == 7
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_refresh_refuses_a_bad_file(cache_root: Path, conf: Path) -> None:
+    conf.write_text("smtpd: {max_recipients: lots}\n")
+    with pytest.raises(config.ConfigError, match="max_recipients"):
+        config.refresh_caches(str(conf))
+    assert not cache_file(cache_root).exists()
