@@ -35,11 +35,26 @@ def listen_fds(unset_environment: bool = True) -> list[socket.socket]:
 
 
 def stdin_socket() -> socket.socket | None:
-    """fd 0 as a socket when it is one (inetd style, systemd ``Accept=yes``).
+    """fd 0 as a socket when it is one (inetd style, systemd ``Accept=yes``)."""
+    import socket
 
-    A ``_socket.socket``: the same methods for a session, without importing
-    :mod:`socket` (and enum, selectors) in a process started per connection.
-    """
+    try:
+        sock = socket.socket(fileno=os.dup(0))
+    except OSError:
+        return None
+    try:
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def stdin_raw_socket() -> socket.socket | None:
+    """:func:`stdin_socket` as a ``_socket.socket``, for a process started per
+    connection: the methods a byte-stream session needs (recv, sendall,
+    shutdown, settimeout, getpeername; ssl can wrap it), but no ``makefile``,
+    and no import of :mod:`socket` (enum, selectors)."""
     import _socket
 
     try:

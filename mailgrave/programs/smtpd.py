@@ -15,7 +15,6 @@ import time
 
 from mailgrave import config as configmod
 from mailgrave import log as mglog
-from mailgrave import maillog
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, PermFail, TempFail
 from mailgrave.fileio import write_all
 from mailgrave.smtp import replies as R
@@ -27,15 +26,17 @@ if TYPE_CHECKING:
     import socket
     from typing import Any
 
+    from mailgrave import maillog
     from mailgrave.queueclient import QueueClient
 else:
     import _socket
 
     class _LazyModule:
         """A module imported when first used. In Accept=yes mode every import is paid
-        per connection: ``signal`` (only the listener needs it) and ``socket`` (enum,
-        selectors) are not imported for one session; a session's socket is a
-        ``_socket.socket``, and the upper-case constants come from ``_socket``."""
+        per connection: ``signal`` (only the listener needs it), ``socket`` (enum,
+        selectors) and ``maillog`` (refusals) are not imported for a plain session;
+        a session's socket is a ``_socket.socket``, and the upper-case constants
+        come from ``_socket``."""
 
         def __init__(self, name, constants=None):
             self._name = name
@@ -47,12 +48,13 @@ else:
                     return getattr(self._constants, attr)
                 except AttributeError:
                     pass
-            module = __import__(self._name)
-            self.__dict__[attr] = value = getattr(module, attr)
+            __import__(self._name)
+            self.__dict__[attr] = value = getattr(sys.modules[self._name], attr)
             return value
 
     signal = _LazyModule("signal")
     socket = _LazyModule("socket", _socket)
+    maillog = _LazyModule("mailgrave.maillog")
 
 log = mglog.getLogger(__name__)
 
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         return Listener(config, listeners).run()
     # One connection on stdin/stdout: nothing here uses the stdlib's logging.
     mglog.setup("smtpd", debug=args.debug, stdlib=False)
-    sock = sd.stdin_socket()
+    sock = sd.stdin_raw_socket()
     try:
         serve_connection(config, sock)
     except Exception:
