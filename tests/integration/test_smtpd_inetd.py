@@ -75,8 +75,8 @@ def run_session(
     with conn, client:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", wrapper, "--config", str(config), *args],
-            stdin=conn,
-            stdout=conn,
+            stdin=conn.fileno(),
+            stdout=conn.fileno(),
             stderr=subprocess.PIPE,
             pass_fds=(wfd,),
             env=env,
@@ -205,3 +205,39 @@ def test_the_journal_fields_of_a_per_connection_session(relaying: Instance, tmp_
     hit = next(r for r in records if f"MAILGRAVE_QID={qid}\n".encode() in r)
     assert b"SYSLOG_IDENTIFIER=mailgrave-smtpd\n" in hit
     assert f"MESSAGE={qid}: accepted from [127.0.0.1]".encode() in hit
+
+
+def test_the_installed_launcher_serves_a_session(instance: Instance, tmp_path: Path) -> None:
+    """packaging/bin/mailgrave-smtpd.in rendered as debian/rules renders it (-IS), with
+    this checkout as the package directory: started by its #! line, it serves a
+    connection, even with a PYTHONPATH that would shadow the package (-I ignores it)."""
+    template = Path(PACKAGE_ROOT, "packaging", "bin", "mailgrave-smtpd.in").read_text()
+    launcher = tmp_path / "mailgrave-smtpd"
+    launcher.write_text(
+        template.replace("@PYTHON@", sys.executable)
+        .replace("@FLAGS@", "-IS")
+        .replace("@PKGDIR@", PACKAGE_ROOT)
+    )
+    launcher.chmod(0o755)
+    decoy = tmp_path / "decoy" / "mailgrave"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise SystemExit('the decoy was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(decoy.parent), "MAILGRAVE_LOG": "stderr"}
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            proc = subprocess.Popen(
+                [str(launcher), "--config", str(instance.config_path)],
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+        ours.settimeout(30)
+        out = ours.recv(4096)  # the greeting, then QUIT
+        ours.sendall(b"QUIT\r\n")
+        while data := ours.recv(4096):
+            out += data
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert out.startswith(b"220 mx.example.org ESMTP") and out.endswith(b"221 2.0.0 Bye\r\n")

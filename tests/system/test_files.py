@@ -123,3 +123,14 @@ def test_each_service_may_write_its_users_config_cache(unit: Path) -> None:
     tmpfiles = (ROOT / "packaging" / "tmpfiles.d" / "mailgrave.conf").read_text()
     line = re.search(rf"^d\s+{re.escape(path)}\s+(\S+)\s+(\S+)\s+(\S+)", tmpfiles, re.M)
     assert line and line.groups() == ("0700", user.group(1), user.group(1))
+
+
+def test_the_smtpd_launcher_is_rendered_completely_by_the_deb_and_the_venv() -> None:
+    template = (ROOT / "packaging" / "bin" / "mailgrave-smtpd.in").read_text()
+    placeholders = set(re.findall(r"@[A-Z]+@", template))
+    assert placeholders == {"@PYTHON@", "@FLAGS@", "@PKGDIR@"}
+    rules = (ROOT / "debian" / "rules").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    for text in (rules, makefile):
+        assert all(f"s|{p}|" in text for p in placeholders)
+    assert "s|@FLAGS@|-IS|" in rules and "usr/bin/mailgrave-smtpd" in rules
