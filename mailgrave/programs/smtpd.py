@@ -8,6 +8,7 @@ same as ``LISTEN_FDS``, with a socket of its own).
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import sys
@@ -224,6 +225,7 @@ class Session:
         self.queue_error: R.Reply | None = None
         self.current: S.MessageStart | None = None
         self.closed = False
+        self.close_reason = "connection lost"
         self.rejections = 0
 
     def run(self) -> None:
@@ -231,24 +233,27 @@ class Session:
         try:
             self._run()
         except (OSError, TimeoutError) as exc:
-            log.info("connection with [%s] lost: %s", self.client_ip, type(exc).__name__)
+            self.close_reason = f"connection lost: {type(exc).__name__}"
         finally:
             self._abort_queue()
             self.channel.close()
             log.info(
-                "disconnect from [%s] messages=%d errors=%d",
+                "disconnect from [%s] messages=%d errors=%d (%s)",
                 self.client_ip,
                 self.server.messages,
                 self.server.errors,
+                self.close_reason,
             )
 
     def _run(self) -> None:
         pause = self.config.smtpd.greet_pause
         if pause and self.channel.readable(pause):
             if not self.channel.peek():
-                return  # connected and went away (a port probe)
+                self.close_reason = "client left before the greeting"
+                return  # a port probe
             maillog.rejected("connect", f"[{self.client_ip}]", "talked before the greeting")
             self.channel.send(R.EARLY_TALKER.encode())
+            self.close_reason = "talked before the greeting"
             return
         self.channel.send(self.server.greeting())
         while not self.closed:
@@ -290,7 +295,7 @@ class Session:
                 queue[:0] = self.server.tls_started()
             elif isinstance(ev, S.Close):
                 flush()
-                log.info("closing [%s]: %s", self.client_ip, ev.reason)
+                self.close_reason = ev.reason
                 self.closed = True
                 return
         flush()
@@ -366,10 +371,12 @@ class Session:
             self.queue = None
 
 
-def serve_connection(config: configmod.Config, sock: socket.socket | None) -> None:
+def serve_connection(
+    config: configmod.Config, sock: socket.socket | None, client_ip: str | None = None
+) -> None:
     """Run one SMTP session on ``sock`` (or on fds 0/1 when None)."""
     channel = Channel(sock, config.smtpd.timeout)
-    Session(config, channel, _client_ip(sock)).run()
+    Session(config, channel, client_ip or _client_ip(sock)).run()
 
 
 class Listener:
@@ -454,6 +461,9 @@ class Listener:
                 pass
             conn.close()
             return
+        # Objects the parent made so far are never collected in a child: a
+        # collection there would touch (copy-on-write) every page of the heap.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = 0
@@ -462,7 +472,7 @@ class Listener:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 for sock in self.sockets:
                     sock.close()
-                serve_connection(self.config, conn)
+                serve_connection(self.config, conn, ip)
             except BaseException:
                 log.exception("session failed")
                 code = EXIT_TEMP
