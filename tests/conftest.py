@@ -158,7 +158,9 @@ class Instance:
         new = self.maildir(user) / "new"
         if not new.is_dir():
             return []
-        return [p.read_bytes() for p in sorted(new.iterdir())]
+        # By arrival: names sort by second only (two in one second may not be in order).
+        files = sorted(new.iterdir(), key=lambda p: (p.stat().st_mtime_ns, p.name))
+        return [p.read_bytes() for p in files]
 
     def start(
         self, processes: Processes, listen: str | None = None, retry_interval: float = 1.0
