@@ -185,6 +185,16 @@ def getLogger(name: str = "mailgrave") -> Logger:
     return logger
 
 
+class muted:
+    """``with muted():`` nothing is logged (a benchmark's sessions, for one)."""
+
+    def __enter__(self) -> None:
+        self._level, _out.level = _out.level, CRITICAL + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _out.level = self._level
+
+
 def shutdown() -> None:
     """Flush what is buffered (before ``os._exit`` in a forked child)."""
     try:
