@@ -222,6 +222,7 @@ class Session:
         self.client_ip = client_ip
         self.server = S.Server(ConfigPolicy(config, client_ip))
         self.queue: QueueClient | None = None
+        self.queue_factory: type[QueueClient] | None = None  # None: the real one
         self.queue_error: R.Reply | None = None
         self.current: S.MessageStart | None = None
         self.closed = False
@@ -318,7 +319,7 @@ class Session:
         attrs = {"proto": ev.proto, "helo": ev.helo, "addr": self.client_ip}
         attrs = {k: v.replace("\0", "").replace("\n", "") for k, v in attrs.items()}
         try:
-            self.queue = QueueClient(
+            self.queue = (self.queue_factory or QueueClient)(
                 self.config.socket_path("queue.ctrl"),
                 attrs=attrs,
                 envelope=Envelope(ev.sender, ev.recipients),
@@ -379,13 +380,65 @@ def serve_connection(
     Session(config, channel, client_ip or _client_ip(sock)).run()
 
 
+# A session run by a spare child before it is given a connection, with nothing
+# sent anywhere (a socketpair, no queue, no log lines). A forked child pays a
+# copy-on-write page fault for each page it is the first to write; the spare
+# pays them while it waits, so the client does not wait for them.
+_WARM_UP_SESSION = (
+    b"EHLO warm.up.invalid\r\nMAIL FROM:<a@warm.up.invalid> SIZE=10\r\n"
+    b"RCPT TO:<b@warm.up.invalid>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\nQUIT\r\n"
+)
+
+
+class _NoQueue:
+    """Stands in for the queue during the warm-up; keeps nothing."""
+
+    def __init__(self, path: str, attrs: dict[str, str], envelope: object) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def commit(self) -> str:
+        return "WARMUP"
+
+    def abort(self) -> None:
+        pass
+
+
+def _warm_up(config: configmod.Config) -> None:
+    import socket as socketmod
+
+    client, server = socketmod.socketpair()
+    with client, mglog.muted():
+        client.sendall(_WARM_UP_SESSION)
+        client.shutdown(socketmod.SHUT_WR)
+        session = Session(config, Channel(server, config.smtpd.timeout), "127.0.0.1")
+        session.queue_factory = _NoQueue  # type: ignore[assignment]
+        session.run()
+
+
 class Listener:
-    """The warm parent: accept, fork a child per connection, reap, enforce limits."""
+    """The warm parent: accept, hand each connection to a child of its own, reap,
+    enforce limits.
+
+    Each connection gets a fresh process that serves it alone and exits. While
+    connections keep coming, the parent keeps SPARES children forked ahead of
+    time; a spare warms itself up and waits for its connection over a socketpair,
+    so that a client does not wait for a fork. Spares leave after SPARE_IDLE
+    seconds without a connection; when none is ready the parent forks on the spot.
+    """
+
+    SPARES = 2
+    SPARE_IDLE = 2.0
 
     def __init__(self, config: configmod.Config, sockets: list[socket.socket]) -> None:
         self.config = config
         self.sockets = sockets
-        self.children: dict[int, str] = {}
+        self.children: dict[int, str] = {}  # pid -> client address, one per connection
+        self.spares: dict[int, socket.socket] = {}  # pid -> our end of its socketpair
+        self.leaving: set[int] = set()  # spares sent away, not yet reaped
+        self.last_accept = 0.0
         self.stopping = False
 
     def run(self) -> int:
@@ -406,18 +459,25 @@ class Listener:
         last_activity = time.monotonic()
         while not self.stopping:
             self.reap()
+            now = time.monotonic()
             if self.children:
-                last_activity = time.monotonic()
-            elif idle_exit and time.monotonic() - last_activity >= idle_exit:
+                last_activity = now
+            elif idle_exit and now - last_activity >= idle_exit:
                 log.info("no connection for %gs, exiting", idle_exit)
                 break
+            if now - self.last_accept < self.SPARE_IDLE:
+                while len(self.spares) < self.SPARES:
+                    self._fork_spare()
+            elif self.spares:
+                self._drop_spares()
             try:
                 ready, _, _ = select.select(self.sockets, [], [], REAP_INTERVAL)
             except InterruptedError:
                 continue
             for sock in ready:
                 self.accept(sock)
-                last_activity = time.monotonic()
+                last_activity = self.last_accept = time.monotonic()
+        self._drop_spares()
         self.reap()
         return EXIT_OK
 
@@ -425,15 +485,79 @@ class Listener:
         self.stopping = True
 
     def reap(self) -> None:
-        while self.children:
+        while self.children or self.spares or self.leaving:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 self.children.clear()
+                self._drop_spares()
+                self.leaving.clear()
                 return
             if pid == 0:
                 return
             self.children.pop(pid, None)
+            self.leaving.discard(pid)
+            spare = self.spares.pop(pid, None)
+            if spare is not None:
+                spare.close()
+
+    def _drop_spares(self) -> None:
+        """Send the spares away: each leaves when its socketpair closes."""
+        for sock in self.spares.values():
+            sock.close()
+        self.leaving.update(self.spares)
+        self.spares.clear()
+
+    def _fork(self) -> int:
+        # Objects the parent made so far are never collected in a child: a
+        # collection there would touch (copy-on-write) every page of the heap.
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for sock in [*self.sockets, *self.spares.values()]:
+                sock.close()
+        return pid
+
+    def _fork_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = self._fork()
+        if pid:
+            theirs.close()
+            self.spares[pid] = ours
+            return
+        ours.close()
+        code = 0
+        try:
+            try:
+                _warm_up(self.config)
+            except Exception:  # only an optimisation
+                log.exception("warm-up failed")
+            data, fds, _flags, _addr = socket.recv_fds(theirs, 256, 1)
+            theirs.close()
+            if fds:  # nothing (the socketpair closed): no longer needed
+                conn = socket.socket(fileno=fds[0])
+                serve_connection(self.config, conn, data.decode("ascii", "replace"))
+        except BaseException:
+            log.exception("session failed")
+            code = EXIT_TEMP
+        finally:
+            mglog.shutdown()
+            os._exit(code)
+
+    def _hand_to_spare(self, conn: socket.socket, ip: str) -> bool:
+        while self.spares:
+            pid, sock = self.spares.popitem()
+            try:
+                socket.send_fds(sock, [ip.encode("ascii", "replace")], [conn.fileno()])
+            except OSError:
+                continue  # that spare is gone; reap() collects it
+            finally:
+                sock.close()
+            self.children[pid] = ip
+            return True
+        return False
 
     def accept(self, listener: socket.socket) -> None:
         try:
@@ -461,17 +585,13 @@ class Listener:
                 pass
             conn.close()
             return
-        # Objects the parent made so far are never collected in a child: a
-        # collection there would touch (copy-on-write) every page of the heap.
-        gc.freeze()
-        pid = os.fork()
+        if self._hand_to_spare(conn, ip):
+            conn.close()
+            return
+        pid = self._fork()
         if pid == 0:
             code = 0
             try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                for sock in self.sockets:
-                    sock.close()
                 serve_connection(self.config, conn, ip)
             except BaseException:
                 log.exception("session failed")
