@@ -3,8 +3,10 @@
 By hand: ``mailgrave-local --sender S --qid Q RCPT... < message``.  As a
 service it serves local.ctrl (docs/flow.md): requests carry the spool's
 message as a file descriptor.  A warm parent accepts connections and forks
-one worker per connection; the worker forks one child per destination, which
-switches to the recipient's uid before it opens anything of theirs.
+one worker per connection (mailgrave-send keeps its connection for many
+requests); the worker forks one child per destination user, which switches to
+that user's uid for good before it opens anything of theirs, and then delivers
+that user's mail, and only theirs, until the connection ends.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
 from mailgrave import maillog
 from mailgrave.config import Config
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, PermFail, TempFail, exit_for
-from mailgrave.fileio import blocks, write_all
+from mailgrave.fileio import blocks
 from mailgrave.local import mailbox
 from mailgrave.local.routing import Router, Target
 
@@ -139,12 +140,11 @@ def _forward_items(config: Config, target: Target) -> list[str]:
 def expand_user(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
     """A system user: what their ~/.forward says (read as them), else their own mailbox.
 
-    Runs in the privileged parent: each destination gets its own child, so only
-    the write into the mail spool gets group mail, never a .forward command.
+    Runs in the privileged parent: the .forward is read, and each destination
+    delivered, by a child that is the user (without group mail, which only a
+    write into the mail spool gets, never a .forward command).
     """
-    line = _in_child(
-        lambda: "K" + "\0".join(_forward_items(config, target)), qid, rcpt, MAX_FORWARD * 2
-    )
+    line = _as_user(config, "forward", target, -1, sender, rcpt, qid)
     if line[:1] != "K":
         return line
     items = [i for i in line[1:].split("\0") if i]
@@ -174,15 +174,18 @@ def expand_user(config: Config, target: Target, fd: int, sender: str, rcpt: str,
     return _combine(results)
 
 
+def _in_spool(config: Config, target: Target) -> bool:
+    """Does this delivery write into the mail spool? Only that (Debian policy 11.6:
+    dotlock in the 2775 root:mail directory) gets group mail, never a command or a file."""
+    return target.kind == "mbox" or (target.kind == "own" and config.local.mailbox == "mbox")
+
+
 def deliver_target(
     config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str
 ) -> str:
     """In a child process: become the target's user, then deliver. Returns the result text."""
     prefix = _prefix(sender, rcpt)
-    # Only writing into the mail spool (Debian policy 11.6: dotlock in the
-    # 2775 root:mail directory) gets group mail, never a command or a file.
-    in_spool = target.kind == "mbox" or (target.kind == "own" and config.local.mailbox == "mbox")
-    pw = _become(target.user, _mail_gid() if in_spool else ())
+    pw = _become(target.user, _mail_gid() if _in_spool(config, target) else ())
     os.umask(0o077)
     env = {
         "HOME": pw.pw_dir,
@@ -219,51 +222,124 @@ def _own_mailbox(config: Config, pw: pwd.struct_passwd, fd: int, sender: str, pr
     return mailbox.maildir(os.path.join(pw.pw_dir, config.local.maildir), fd, prefix)
 
 
-def _in_child(func: Callable[[], str], qid: str, rcpt: str, limit: int = 2000) -> str:
-    """Run ``func`` in a forked child; its K/Z/D result line (DeliveryError → Z/D)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        for private in _private_fds:
+class _UserChild:
+    """A child that becomes one user (for good) and delivers for them, one request
+    at a time, while this process lives: one fork per user instead of one per
+    delivery. It is sent only that user's deliveries and holds nothing else.
+    """
+
+    pid: int
+    sock: socket.socket
+
+    def __init__(self, config: Config) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            for private in [*_private_fds, *(c.sock.fileno() for c in _children.values())]:
+                try:
+                    os.close(private)
+                except OSError:
+                    pass
+            code = 0
             try:
-                os.close(private)
-            except OSError:
-                pass
-        code = 0
+                _child_loop(config, theirs)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid = pid
+        self.sock = ours
+
+    def ask(self, fields: list[str], fd: int) -> str | None:
+        """Send a request; the result line, or None when the child has died."""
+        data = "\0".join(fields).encode("utf-8", "surrogateescape")
         try:
-            text = func()
-        except DeliveryError as exc:
-            text = exc.code + " ".join(exc.text.split())
-        except Exception:
-            log.exception("%s: delivery to %s failed unexpectedly", qid, rcpt)
-            text = "Z4.3.0 internal error in local delivery"
-        try:
-            write_all(w, text.encode("utf-8", "surrogateescape")[:limit])
+            socket.send_fds(self.sock, [data], [fd] if fd >= 0 else [])
+            reply = self.sock.recv(MAX_FORWARD * 2 + 16)
         except OSError:
-            code = 1
-        os._exit(code)
-    os.close(w)
-    chunks = []
-    with os.fdopen(r, "rb") as f:
-        while data := f.read(4096):
-            chunks.append(data)
-    _pid, status = os.waitpid(pid, 0)
-    line = b"".join(chunks).decode("utf-8", "surrogateescape")
-    if not line or os.waitstatus_to_exitcode(status) != 0:
+            return None
+        return reply.decode("utf-8", "surrogateescape") if reply else None
+
+    def alive(self) -> bool:
+        """Between requests a child sends nothing: readable means it has gone."""
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return not readable
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _child_loop(config: Config, sock: socket.socket) -> None:
+    """In a user child: answer requests until the parent closes the socketpair."""
+    while True:
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 1)
+        if not data:
+            return
+        fd = fds[0] if fds else -1
+        try:
+            op, kind, value, user, extension, sender, rcpt, qid = data.decode(
+                "utf-8", "surrogateescape"
+            ).split("\0")
+            target = Target(kind, value, user, extension)
+            if op == "forward":
+                text, limit = "K" + "\0".join(_forward_items(config, target)), MAX_FORWARD * 2
+            else:
+                line = deliver_target(config, target, fd, sender, rcpt, qid)
+                text, limit = "K" + " ".join(line.split()), 2000
+        except DeliveryError as exc:
+            text, limit = exc.code + " ".join(exc.text.split()), 2000
+        except Exception:
+            log.exception("delivery failed unexpectedly")
+            text, limit = "Z4.3.0 internal error in local delivery", 2000
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        sock.send(text.encode("utf-8", "surrogateescape")[:limit])
+
+
+# The user children of this process, least recently used first.
+_children: dict[tuple[str, bool], _UserChild] = {}
+MAX_USER_CHILDREN = 8
+
+
+def _as_user(
+    config: Config, op: str, target: Target, fd: int, sender: str, rcpt: str, qid: str
+) -> str:
+    """Run ``op`` for ``target`` in the child that is its user (started if needed)."""
+    key = (target.user, op == "deliver" and _in_spool(config, target))
+    child = _children.pop(key, None)
+    if child is not None and not child.alive():
+        child.close()  # it died between two requests: start another
+        child = None
+    if child is None:
+        while len(_children) >= MAX_USER_CHILDREN:
+            _children.pop(next(iter(_children))).close()
+        child = _UserChild(config)
+    fields = [op, target.kind, target.value, target.user, target.extension, sender, rcpt, qid]
+    line = child.ask(fields, fd)
+    if line is None:
+        child.close()
         return "Z4.3.0 delivery process died"
+    _children[key] = child
     return line
 
 
+def close_user_children() -> None:
+    while _children:
+        _children.popitem()[1].close()
+
+
 def _run_child(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
-    """Deliver to one destination in a child (as its user); the one-line K/Z/D result."""
+    """Deliver to one destination as its user; the one-line K/Z/D result."""
     if target.kind == "user":
         return expand_user(config, target, fd, sender, rcpt, qid)
-
-    def run() -> str:
-        return "K" + " ".join(deliver_target(config, target, fd, sender, rcpt, qid).split())
-
-    return _in_child(run, qid, rcpt)
+    return _as_user(config, "deliver", target, fd, sender, rcpt, qid)
 
 
 def _combine(results: list[str]) -> str:
@@ -322,6 +398,13 @@ def _recv_request(sock: socket.socket) -> tuple[bytes, int] | None:
 
 
 def serve_connection(config: Config, sock: socket.socket) -> None:
+    try:
+        _serve_requests(config, sock)
+    finally:
+        close_user_children()
+
+
+def _serve_requests(config: Config, sock: socket.socket) -> None:
     router = Router(config)
     _private_fds.add(sock.fileno())
     out = sock.makefile("wb")
@@ -405,10 +488,13 @@ def by_hand(config: Config, sender: str, qid: str, rcpts: list[str]) -> int:
         fd = tmp.fileno()
     router = Router(config)
     codes = []
-    for rcpt in rcpts:
-        line = deliver(config, router, fd, sender, rcpt, qid)
-        print(line, flush=True)
-        codes.append(line[:1])
+    try:
+        for rcpt in rcpts:
+            line = deliver(config, router, fd, sender, rcpt, qid)
+            print(line, flush=True)
+            codes.append(line[:1])
+    finally:
+        close_user_children()
     return exit_for(codes)
 
 

@@ -56,16 +56,66 @@ class Result:
     text: str
 
 
+class Agents:
+    """Connections to local.ctrl and remote.ctrl, kept open between requests.
+
+    An agent answers any number of requests on one connection, one after
+    another (docs/flow.md), so a send run reuses its connections instead of
+    connecting (and having mailgrave-local fork a worker) per message.
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> socket.socket | None:
+        """An idle connection to ``path`` still open at the other end, or None."""
+        import select
+
+        while True:
+            with self._lock:
+                idle = self._idle.get(path)
+                if not idle:
+                    return None
+                sock = idle.pop()
+            # Between requests an agent sends nothing: readable means it has
+            # closed the connection (it was restarted, or it exited).
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return sock
+            sock.close()
+
+    def put(self, path: str, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.setdefault(path, []).append(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            for socks in self._idle.values():
+                for sock in socks:
+                    sock.close()
+            self._idle.clear()
+
+
 def deliver(
-    socket_path: str, qid: str, sender: str, rcpts: list[str], message_path: str
+    socket_path: str,
+    qid: str,
+    sender: str,
+    rcpts: list[str],
+    message_path: str,
+    agents: Agents | None = None,
 ) -> tuple[list[Result], list[str]]:
     """One request over local.ctrl / remote.ctrl (docs/flow.md); results and transcript."""
     fields = [f"Q{qid}", f"F{sender}", *(f"T{r}" for r in rcpts)]
     request = b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in fields) + b"\0"
     transcript: list[str] = []
+    results: list[Result] = []
+    buf = bytearray()
     fd = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
+    sock = agents.get(socket_path) if agents is not None else None
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(DELIVERY_TIMEOUT)
             try:
                 sock.connect(socket_path)
@@ -74,24 +124,35 @@ def deliver(
                 return [Result("Z", f"4.3.0 delivery agent unreachable ({name})")] * len(
                     rcpts
                 ), transcript
-            socket.send_fds(sock, [request], [fd])
+        socket.send_fds(sock, [request], [fd])
+        if agents is None:
             sock.shutdown(socket.SHUT_WR)
-            stream = sock.makefile("rb")
-            results: list[Result] = []
-            while len(results) < len(rcpts):
-                line = stream.readline(8192)
-                if not line:
+        while len(results) < len(rcpts):
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > 65536:
                     break
-                text = line.decode("utf-8", "replace").rstrip("\r\n")
-                if text.startswith("|"):
-                    if len(transcript) < 200:
-                        transcript.append(text[1:])
-                elif text[:1] in ("K", "Z", "D"):
-                    results.append(Result(text[0], text[1:]))
+                data = sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+                continue
+            line, buf = bytes(buf[:end]), buf[end + 1 :]
+            text = line.decode("utf-8", "replace").rstrip("\r")
+            if text.startswith("|"):
+                if len(transcript) < 200:
+                    transcript.append(text[1:])
+            elif text[:1] in ("K", "Z", "D"):
+                results.append(Result(text[0], text[1:]))
     except (OSError, TimeoutError):
-        results = []
+        pass
     finally:
         os.close(fd)
+        if sock is not None:
+            if agents is not None and len(results) == len(rcpts) and not buf:
+                agents.put(socket_path, sock)
+            else:
+                sock.close()
     missing = len(rcpts) - len(results)
     if missing:
         results += [Result("Z", "4.3.0 delivery agent ended without an answer")] * missing
@@ -111,6 +172,7 @@ class Scheduler:
         self.now = time.time
         # Set by SIGTERM (systemctl stop): finish what is in flight, start nothing new.
         self.stopping = False
+        self.agents = Agents()
 
     # --- what is due ---------------------------------------------------------
 
@@ -227,6 +289,7 @@ class Scheduler:
                 job.state.sender,
                 [r.addr for r in job.recipients],
                 self.spool.message_path(qid),
+                self.agents,
             )
         except FileNotFoundError:
             return [Result("Z", "4.3.0 message file missing")] * len(job.recipients)
@@ -390,6 +453,7 @@ class Scheduler:
                             self._keep_on_error(job.state)
         finally:
             pool.shutdown(wait=True)
+            self.agents.close()
         self.clean()
         return EXIT_OK
 

@@ -251,3 +251,44 @@ def test_run_as_an_ordinary_user_delivers_as_that_user(tmp_path: Path) -> None:
     assert lines[1].startswith("Z"), lines
     [path] = list((inst.maildir("alice") / "new").iterdir())
     assert path.stat().st_uid == nobody.pw_uid
+
+
+def _delivering_pids(maildir: Path) -> set[str]:
+    """The pids in a Maildir's file names (``TIME.MmicroPpidQn.host``): who wrote each."""
+    return {p.name.split("P", 1)[1].split("Q", 1)[0] for p in (maildir / "new").iterdir()}
+
+
+def test_one_delivery_child_per_user_for_a_connection(
+    instance: Instance, processes: Processes, user: pwd.struct_passwd
+) -> None:
+    """Deliveries on one local.ctrl connection reuse the child that became their
+    user, never another user's; a child that died is replaced."""
+    msg = spool_message(instance)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    proc = processes.start(
+        [program("mailgrave-local"), "--config", str(instance.config_path)], stdin=theirs
+    )
+    theirs.close()
+    home = Path(user.pw_dir)
+    with ours:
+        for i in range(10):
+            lines = request(ours, msg, f"Q{i}", "", "alice@example.org", "bob@example.org")
+            assert [line[:1] for line in lines] == ["K", "K"], lines
+        first = _delivering_pids(instance.maildir("alice")) | _delivering_pids(
+            instance.maildir("bob")
+        )
+        assert len(first) == 1  # one child wrote all twenty
+        if os.getuid() == 0:
+            lines = request(ours, msg, "QU", "", f"{user.pw_name}@example.org")
+            assert lines[0].startswith("K"), lines
+            [own] = list((home / "Maildir" / "new").iterdir())
+            assert own.stat().st_uid == user.pw_uid  # written by the user's own child
+            assert _delivering_pids(home / "Maildir").isdisjoint(first)
+        [pid] = first
+        os.kill(int(pid), 9)
+        wait_for(lambda: "Z" in children(proc.pid))  # dead, not yet reaped
+        lines = request(ours, msg, "QK", "", "alice@example.org")
+        assert lines[0].startswith("K"), lines
+        after = _delivering_pids(instance.maildir("alice"))
+        assert len(after - first) == 1  # a new child took over
+    assert proc.wait(timeout=10) == 0
