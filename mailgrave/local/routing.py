@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import dataclass
 
 from mailgrave.config import Config
 from mailgrave.errors import PermFail, TempFail
+from mailgrave.record import Record, record
 
 MAX_DEPTH = 20
 ALWAYS = ("mailer-daemon", "postmaster", "root")
 
 
-@dataclass(frozen=True)
-class Target:
+@record
+class Target(Record):
     """One destination: kind is maildir, mbox, file, pipe, forward or user."""
 
     kind: str
