@@ -222,7 +222,6 @@ class Session:
         self.client_ip = client_ip
         self.server = S.Server(ConfigPolicy(config, client_ip))
         self.queue: QueueClient | None = None
-        self.queue_factory: type[QueueClient] | None = None  # None: the real one
         self.queue_error: R.Reply | None = None
         self.current: S.MessageStart | None = None
         self.closed = False
@@ -319,7 +318,7 @@ class Session:
         attrs = {"proto": ev.proto, "helo": ev.helo, "addr": self.client_ip}
         attrs = {k: v.replace("\0", "").replace("\n", "") for k, v in attrs.items()}
         try:
-            self.queue = (self.queue_factory or QueueClient)(
+            self.queue = QueueClient(
                 self.config.socket_path("queue.ctrl"),
                 attrs=attrs,
                 envelope=Envelope(ev.sender, ev.recipients),
@@ -380,52 +379,14 @@ def serve_connection(
     Session(config, channel, client_ip or _client_ip(sock)).run()
 
 
-# A session run by a spare child before it is given a connection, with nothing
-# sent anywhere (a socketpair, no queue, no log lines). A forked child pays a
-# copy-on-write page fault for each page it is the first to write; the spare
-# pays them while it waits, so the client does not wait for them.
-_WARM_UP_SESSION = (
-    b"EHLO warm.up.invalid\r\nMAIL FROM:<a@warm.up.invalid> SIZE=10\r\n"
-    b"RCPT TO:<b@warm.up.invalid>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\nQUIT\r\n"
-)
-
-
-class _NoQueue:
-    """Stands in for the queue during the warm-up; keeps nothing."""
-
-    def __init__(self, path: str, attrs: dict[str, str], envelope: object) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def commit(self) -> str:
-        return "WARMUP"
-
-    def abort(self) -> None:
-        pass
-
-
-def _warm_up(config: configmod.Config) -> None:
-    import socket as socketmod
-
-    client, server = socketmod.socketpair()
-    with client, mglog.muted():
-        client.sendall(_WARM_UP_SESSION)
-        client.shutdown(socketmod.SHUT_WR)
-        session = Session(config, Channel(server, config.smtpd.timeout), "127.0.0.1")
-        session.queue_factory = _NoQueue  # type: ignore[assignment]
-        session.run()
-
-
 class Listener:
     """The warm parent: accept, hand each connection to a child of its own, reap,
     enforce limits.
 
     Each connection gets a fresh process that serves it alone and exits. While
     connections keep coming, the parent keeps SPARES children forked ahead of
-    time; a spare warms itself up and waits for its connection over a socketpair,
-    so that a client does not wait for a fork. Spares leave after SPARE_IDLE
+    time; a spare waits for its connection over a socketpair, so that a client
+    does not wait for a fork. Spares leave after SPARE_IDLE
     seconds without a connection; when none is ready the parent forks on the spot.
     """
 
@@ -530,10 +491,6 @@ class Listener:
         ours.close()
         code = 0
         try:
-            try:
-                _warm_up(self.config)
-            except Exception:  # only an optimisation
-                log.exception("warm-up failed")
             data, fds, _flags, _addr = socket.recv_fds(theirs, 256, 1)
             theirs.close()
             if fds:  # nothing (the socketpair closed): no longer needed
