@@ -613,8 +613,11 @@ def _parse_args(argv: list[str]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     config = configmod.load_or_exit(args.config, "mailgrave-smtpd")
+    # Nothing smtpd runs uses the stdlib's logging: not importing it (nor the
+    # threading it brings, whose fork hooks every child would run) also makes
+    # each fork of the listener cheaper.
+    mglog.setup("smtpd", debug=args.debug, stdlib=False)
     if args.bind or args.port is not None:
-        mglog.setup("smtpd", debug=args.debug)
         try:
             sockets = [_bind(args.bind or "127.0.0.1", args.port or 25)]
         except OSError as exc:
@@ -625,10 +628,7 @@ def main(argv: list[str] | None = None) -> int:
 
     listeners = sd.listen_fds()
     if listeners:
-        mglog.setup("smtpd", debug=args.debug)
         return Listener(config, listeners).run()
-    # One connection on stdin/stdout: nothing here uses the stdlib's logging.
-    mglog.setup("smtpd", debug=args.debug, stdlib=False)
     sock = sd.stdin_raw_socket()
     try:
         serve_connection(config, sock)
