@@ -195,7 +195,7 @@ def _plain_ip(ip: str) -> str:
     """
     import _socket
 
-    ip = ip.split("%")[0]
+    text, ip = ip, ip.split("%")[0]
     try:
         return _socket.inet_ntop(_socket.AF_INET, _socket.inet_pton(_socket.AF_INET, ip))
     except OSError:
@@ -203,7 +203,7 @@ def _plain_ip(ip: str) -> str:
     try:
         packed = _socket.inet_pton(_socket.AF_INET6, ip)
     except OSError:
-        return ip
+        return text  # not an address: as it came
     if packed[:12] == b"\0" * 10 + b"\xff\xff":
         return _socket.inet_ntop(_socket.AF_INET, packed[12:])
     if packed[:12] != b"\0" * 12:
