@@ -102,4 +102,4 @@ bench: venv
 	bench/install-postfix.sh
 	$(BIN)/python -m pip install -q --disable-pip-version-check py-spy
 	$(BIN)/python bench/bench.py --profile build/bench/profile $(BENCH_ARGS)
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python bench/forkfloor.py
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -S bench/forkfloor.py

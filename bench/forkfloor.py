@@ -15,7 +15,7 @@ nothing is written to disk: the figures are smtpd's CPU only. CPU is
 utime+stime from getrusage (the kernel's split between the two is by
 samples, their sum is exact); page faults are minor faults (copy-on-write).
 
-    .venv/bin/python bench/forkfloor.py [--count N]
+    .venv/bin/python -S bench/forkfloor.py [--count N]   # -S: as the launcher starts
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append("/usr/lib/python3/dist-packages")  # yaml, when started with -S as the launcher is
 
 from mailgrave import config as configmod
 from mailgrave import log as mglog
@@ -108,14 +108,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=300, help="iterations per row")
     args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="mailgrave-forkfloor-")
+    work = f"/tmp/mailgrave-forkfloor-{os.getpid()}"  # not tempfile: random's fork hook
+    os.mkdir(work, 0o700)
     queue_pid = stub_queue(os.path.join(work, "queue.ctrl"))
     try:
         config = configmod.parse_text(
             f"hostname: mx.example.org\nspool: {work}/spool\nrun_dir: {work}\n"
             "smtpd: {greet_pause: 0}\nremote: {dns: {nameservers: [127.0.0.1]}}\n"
         )
-        mglog.setup("smtpd")
+        mglog.setup("smtpd", stdlib=False)  # as the listener does
         with mglog.muted():
             session(config)  # first use: imports, caches
             rows = [
