@@ -25,7 +25,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal
     import socket
-    from typing import Any
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
     from mailgrave import maillog
     from mailgrave.queueclient import QueueClient
@@ -489,19 +490,15 @@ class Listener:
             self.spares[pid] = ours
             return
         ours.close()
-        code = 0
-        try:
+
+        def wait_and_serve() -> None:
             data, fds, _flags, _addr = socket.recv_fds(theirs, 256, 1)
             theirs.close()
             if fds:  # nothing (the socketpair closed): no longer needed
                 conn = socket.socket(fileno=fds[0])
                 serve_connection(self.config, conn, data.decode("ascii", "replace"))
-        except BaseException:
-            log.exception("session failed")
-            code = EXIT_TEMP
-        finally:
-            mglog.shutdown()
-            os._exit(code)
+
+        _serve_and_exit(wait_and_serve)
 
     def _hand_to_spare(self, conn: socket.socket, ip: str) -> bool:
         while self.spares:
@@ -547,17 +544,22 @@ class Listener:
             return
         pid = self._fork()
         if pid == 0:
-            code = 0
-            try:
-                serve_connection(self.config, conn, ip)
-            except BaseException:
-                log.exception("session failed")
-                code = EXIT_TEMP
-            finally:
-                mglog.shutdown()
-                os._exit(code)
+            _serve_and_exit(lambda: serve_connection(self.config, conn, ip))
         self.children[pid] = ip
         conn.close()
+
+
+def _serve_and_exit(session: Callable[[], None]) -> NoReturn:
+    """In a child: run the session, then leave without the interpreter's teardown."""
+    code = 0
+    try:
+        session()
+    except BaseException:
+        log.exception("session failed")
+        code = EXIT_TEMP
+    finally:
+        mglog.shutdown()
+        os._exit(code)
 
 
 def _bind(addr: str, port: int) -> socket.socket:
