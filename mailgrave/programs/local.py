@@ -282,10 +282,10 @@ def _child_loop(config: Config, sock: socket.socket) -> None:
         if not data:
             return
         fd = fds[0] if fds else -1
+        fields = data.decode("utf-8", "surrogateescape").split("\0")
+        qid, rcpt = fields[-1], fields[-2]
         try:
-            op, kind, value, user, extension, sender, rcpt, qid = data.decode(
-                "utf-8", "surrogateescape"
-            ).split("\0")
+            op, kind, value, user, extension, sender, rcpt, qid = fields
             target = Target(kind, value, user, extension)
             if op == "forward":
                 text, limit = "K" + "\0".join(_forward_items(config, target)), MAX_FORWARD * 2
@@ -295,7 +295,7 @@ def _child_loop(config: Config, sock: socket.socket) -> None:
         except DeliveryError as exc:
             text, limit = exc.code + " ".join(exc.text.split()), 2000
         except Exception:
-            log.exception("delivery failed unexpectedly")
+            log.exception("%s: delivery to %s failed unexpectedly", qid, rcpt)
             text, limit = "Z4.3.0 internal error in local delivery", 2000
         finally:
             if fd >= 0:
