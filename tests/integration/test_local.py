@@ -292,3 +292,68 @@ def test_one_delivery_child_per_user_for_a_connection(
         after = _delivering_pids(instance.maildir("alice"))
         assert len(after - first) == 1  # a new child took over
     assert proc.wait(timeout=10) == 0
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_send_keeps_its_local_connection_and_replaces_a_closed_one(
+    tmp_path: Path, processes: Processes
+) -> None:
+    """mailgrave-send's deliver() reuses its local.ctrl connection (one worker for
+    many messages) and, when that worker has gone, opens a new one instead of failing."""
+    import signal
+
+    from mailgrave.programs import send
+
+    inst = Instance(tmp_path)
+    msg = spool_message(inst)
+    path = str(tmp_path / "local.ctrl")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    fd = listener.fileno()
+    move = f"import os, sys; os.dup2({fd}, 3); os.close({fd}); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = processes.start(
+        [
+            "/usr/bin/python3",
+            "-c",
+            move,
+            program("mailgrave-local"),
+            "--config",
+            str(inst.config_path),
+        ],
+        env=dict(os.environ, LISTEN_FDS="1"),
+        pass_fds=(fd,),
+    )
+    listener.close()
+    agents = send.Agents()
+
+    def one(qid: str) -> list[str]:
+        results, _ = send.deliver(
+            path, qid, "s@example.net", ["alice@example.org"], str(msg), agents
+        )
+        return [r.code for r in results]
+
+    try:
+        for i in range(6):
+            assert one(f"Q{i}") == ["K"]
+        workers = child_pids(proc.pid)
+        assert len(workers) == 1, workers  # one worker served all six requests
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: child_pids(proc.pid) == [], timeout=5)  # reaped
+        assert one("Q9") == ["K"]  # on a new connection, not a failure
+    finally:
+        agents.close()
+    assert len(inst.messages("alice")) == 7
