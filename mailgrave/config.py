@@ -332,11 +332,11 @@ def _ip_bits(ip: str) -> tuple[int, int] | None:
 
     try:
         return 32, int.from_bytes(_socket.inet_pton(_socket.AF_INET, ip), "big")
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         pass
     try:
         value = int.from_bytes(_socket.inet_pton(_socket.AF_INET6, ip), "big")
-    except OSError:
+    except (OSError, ValueError):
         return None
     if value >> 32 == 0xFFFF:
         return 32, value & 0xFFFFFFFF

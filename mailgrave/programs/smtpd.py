@@ -199,11 +199,11 @@ def _plain_ip(ip: str) -> str:
     text, ip = ip, ip.split("%")[0]
     try:
         return _socket.inet_ntop(_socket.AF_INET, _socket.inet_pton(_socket.AF_INET, ip))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the text
         pass
     try:
         packed = _socket.inet_pton(_socket.AF_INET6, ip)
-    except OSError:
+    except (OSError, ValueError):
         return text  # not an address: as it came
     if packed[:12] == b"\0" * 10 + b"\xff\xff":
         return _socket.inet_ntop(_socket.AF_INET, packed[12:])
