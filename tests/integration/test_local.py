@@ -42,8 +42,8 @@ def spool_message(inst: Instance, data: bytes = MSG) -> Path:
     return path
 
 
-def children(pid: int) -> list[str]:
-    """States of the direct children of ``pid`` (Z = a zombie nobody reaped)."""
+def _proc_children(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of each direct child of ``pid``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -53,8 +53,17 @@ def children(pid: int) -> list[str]:
         except OSError:
             continue
         if int(fields[1]) == pid:
-            found.append(fields[0])
+            found.append((int(entry), fields[0]))
     return found
+
+
+def children(pid: int) -> list[str]:
+    """States of the direct children of ``pid`` (Z = a zombie nobody reaped)."""
+    return [state for _pid, state in _proc_children(pid)]
+
+
+def child_pids(pid: int) -> list[int]:
+    return [child for child, _state in _proc_children(pid)]
 
 
 def test_connection_on_stdin_serves_several_requests(
@@ -97,15 +106,12 @@ def test_connection_on_stdin_serves_several_requests(
     assert listing.count("via ctrl") == 2, listing
 
 
-def test_listen_fds_many_connections_reaped_idle_exit(tmp_path: Path, processes: Processes) -> None:
-    inst = Instance(tmp_path, queue={"idle_exit": "1s"})
-    msg = spool_message(inst)
-    path = str(tmp_path / "local.ctrl")
+def start_listen_fds(inst: Instance, processes: Processes) -> tuple[subprocess.Popen[bytes], str]:
+    """mailgrave-local with its local.ctrl socket in LISTEN_FDS, as systemd starts it."""
+    path = str(inst.base / "local.ctrl")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)
-    os.set_inheritable(listener.fileno(), True)
-    env = dict(os.environ, LISTEN_FDS="1")
     fd = listener.fileno()
     # fd 3 as systemd passes it; the wrapper execs mailgrave-local (same pid)
     move = f"import os, sys; os.dup2({fd}, 3); os.close({fd}); os.execv(sys.argv[1], sys.argv[1:])"
@@ -118,10 +124,17 @@ def test_listen_fds_many_connections_reaped_idle_exit(tmp_path: Path, processes:
             "--config",
             str(inst.config_path),
         ],
-        env=env,
+        env=dict(os.environ, LISTEN_FDS="1"),
         pass_fds=(fd,),
     )
     listener.close()
+    return proc, path
+
+
+def test_listen_fds_many_connections_reaped_idle_exit(tmp_path: Path, processes: Processes) -> None:
+    inst = Instance(tmp_path, queue={"idle_exit": "1s"})
+    msg = spool_message(inst)
+    proc, path = start_listen_fds(inst, processes)
     conns = []
     for i in range(5):
         c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -294,20 +307,6 @@ def test_one_delivery_child_per_user_for_a_connection(
     assert proc.wait(timeout=10) == 0
 
 
-def child_pids(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
 def test_send_keeps_its_local_connection_and_replaces_a_closed_one(
     tmp_path: Path, processes: Processes
 ) -> None:
@@ -319,25 +318,7 @@ def test_send_keeps_its_local_connection_and_replaces_a_closed_one(
 
     inst = Instance(tmp_path)
     msg = spool_message(inst)
-    path = str(tmp_path / "local.ctrl")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(16)
-    fd = listener.fileno()
-    move = f"import os, sys; os.dup2({fd}, 3); os.close({fd}); os.execv(sys.argv[1], sys.argv[1:])"
-    proc = processes.start(
-        [
-            "/usr/bin/python3",
-            "-c",
-            move,
-            program("mailgrave-local"),
-            "--config",
-            str(inst.config_path),
-        ],
-        env=dict(os.environ, LISTEN_FDS="1"),
-        pass_fds=(fd,),
-    )
-    listener.close()
+    proc, path = start_listen_fds(inst, processes)
     agents = send.Agents()
 
     def one(qid: str) -> list[str]:
