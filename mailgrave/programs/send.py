@@ -103,7 +103,7 @@ def deliver(
     sender: str,
     rcpts: list[str],
     message_path: str,
-    agents: Agents | None = None,
+    agents: Agents,
 ) -> tuple[list[Result], list[str]]:
     """One request over local.ctrl / remote.ctrl (docs/flow.md); results and transcript."""
     fields = [f"Q{qid}", f"F{sender}", *(f"T{r}" for r in rcpts)]
@@ -112,7 +112,7 @@ def deliver(
     results: list[Result] = []
     buf = bytearray()
     fd = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
-    sock = agents.get(socket_path) if agents is not None else None
+    sock = agents.get(socket_path)
     try:
         if sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -125,8 +125,6 @@ def deliver(
                     rcpts
                 ), transcript
         socket.send_fds(sock, [request], [fd])
-        if agents is None:
-            sock.shutdown(socket.SHUT_WR)
         while len(results) < len(rcpts):
             end = buf.find(b"\n")
             if end < 0:
@@ -149,7 +147,7 @@ def deliver(
     finally:
         os.close(fd)
         if sock is not None:
-            if agents is not None and len(results) == len(rcpts) and not buf:
+            if len(results) == len(rcpts) and not buf:
                 agents.put(socket_path, sock)
             else:
                 sock.close()
