@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,19 +35,14 @@ def _header_value(text: str) -> str:
 
 
 def _original_parts(message_path: str) -> tuple[str, Iterator[bytes]]:
-    size = os.path.getsize(message_path)
-    whole = size <= MAX_RETURNED
+    from mailgrave.fileio import blocks, header_lines, message_size
+
+    with open(message_path, "rb") as f:
+        whole = message_size(f.fileno()) <= MAX_RETURNED
 
     def chunks() -> Iterator[bytes]:
         with open(message_path, "rb") as f:
-            if whole:
-                while block := f.read(1 << 16):
-                    yield block
-                return
-            for line in f:
-                if line in (b"\n", b"\r\n"):
-                    return
-                yield line
+            yield from (blocks if whole else header_lines)(f.fileno())
 
     return ("message/rfc822" if whole else "text/rfc822-headers"), chunks()
 

@@ -2,13 +2,17 @@
 
 See docs/queue.md for the states and the commit point.  In short:
 
-* ``tmp/QID.msg`` and ``tmp/QID.env`` are being written by mailgrave-queue;
-* ``todo/QID.msg`` + ``todo/QID`` (the envelope) is a committed new message —
-  the rename of the envelope into ``todo/`` followed by an fsync of ``todo/``
-  is the commit point;
+* ``tmp/QID`` is being written by mailgrave-queue: a header with the envelope
+  (:data:`mailgrave.fileio.SPOOL_TAG`), then the message;
+* ``todo/QID`` is a committed new message — its rename into ``todo/``
+  followed by an fsync of ``todo/`` is the commit point;
 * ``mess/QID`` + ``info/QID`` is a message that mailgrave-send has taken over
   and that still has recipients to deliver (``info`` holds the envelope and
   each recipient's state as JSON).
+
+Spools written before the one-file format hold ``todo/QID`` (the envelope
+alone) beside ``todo/QID.msg`` (the message, no header); they are still read
+and delivered, and :meth:`Spool.stale` tells their debris from new entries.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailgrave.fileio import fsync_dir, write_all
+from mailgrave.fileio import SPOOL_TAG, fsync_dir, message_size, message_start, write_all
 
 SUBDIRS = ("tmp", "todo", "mess", "info", "ctl", "bad")
-# A message file in todo/ without its envelope is normally there for the
+# An old-format message file in todo/ without its envelope was there for the
 # instant between two renames; older than this it is the debris of a crash.
 TODO_ORPHAN_AGE = 60.0
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -182,40 +186,66 @@ class Spool:
 
     # --- queue side ---------------------------------------------------------
 
-    def create_tmp(self, qid: str, suffix: str) -> int:
+    def create_tmp(self, qid: str, suffix: str = "") -> int:
+        name = f"{qid}.{suffix}" if suffix else qid
         return os.open(
-            self.path("tmp", f"{qid}.{suffix}"),
+            self.path("tmp", name),
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
             0o640,
         )
 
     def discard_tmp(self, qid: str) -> None:
-        self.unlink_quiet(self.path("tmp", f"{qid}.msg"), self.path("tmp", f"{qid}.env"))
+        self.unlink_quiet(self.path("tmp", qid))
 
     # --- send side ----------------------------------------------------------
 
     def todo(self) -> list[str]:
-        """Committed new messages, oldest first: an envelope in todo/ whose message
-        is in todo/ or (after an interrupted take-over) already in mess/."""
-        names = set(os.listdir(self.path("todo")))
-        return sorted(
-            n
-            for n in names
-            if is_qid(n) and (f"{n}.msg" in names or os.path.exists(self.path("mess", n)))
-        )
+        """Committed new messages, oldest first (old format: the envelope's name,
+        its message beside it or, after an interrupted take-over, in mess/)."""
+        return sorted(n for n in os.listdir(self.path("todo")) if is_qid(n))
 
     def deferred(self) -> list[str]:
         """Messages mailgrave-send has taken over, oldest first."""
         return sorted(n for n in os.listdir(self.path("info")) if is_qid(n))
 
     def message_path(self, qid: str) -> str:
-        """Where the message file is now: todo/QID.msg (new) or mess/QID (taken over)."""
-        new = self.path("todo", f"{qid}.msg")
-        return new if os.path.exists(new) else self.path("mess", qid)
+        """The file that holds the message: mess/QID once taken over, todo/QID
+        while new (old format: todo/QID.msg)."""
+        for path in (self.path("mess", qid), self.path("todo", f"{qid}.msg")):
+            if os.path.exists(path):
+                return path
+        return self.path("todo", qid)
 
-    def read_todo_envelope(self, qid: str) -> bytes:
-        with open(self.path("todo", qid), "rb") as f:
-            return f.read()
+    def message_size(self, qid: str) -> int:
+        """The message's size in bytes, its spool header not counted."""
+        fd = os.open(self.message_path(qid), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return message_size(fd)
+        finally:
+            os.close(fd)
+
+    def read_new(self, qid: str) -> tuple[bytes, int] | None:
+        """The envelope and message size of the new entry todo/QID; None when it
+        is gone, or is an old-format envelope whose message is missing."""
+        try:
+            fd = os.open(self.path("todo", qid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            start = message_start(fd)
+            if start:
+                head = os.pread(fd, start, 0)
+                return head[head.index(b"\n") + 1 :], os.fstat(fd).st_size - start
+            envelope = os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
+        message = self.message_path(qid)
+        if message == self.path("todo", qid):
+            return None  # old format, and its message never landed
+        try:
+            return envelope, os.path.getsize(message)
+        except FileNotFoundError:
+            return None
 
     def read_state(self, qid: str) -> State | None:
         try:
@@ -230,12 +260,24 @@ class Spool:
 
     def take_over(self, qid: str, state: State) -> None:
         """Move a new message out of todo/ into mess/ + info/ (it has work left)."""
-        src = self.path("todo", f"{qid}.msg")
-        if os.path.exists(src):
-            os.rename(src, self.path("mess", qid))
+        mess = self.path("mess", qid)
+        old_format = self.path("todo", f"{qid}.msg")
+        if os.path.exists(old_format):
+            os.rename(old_format, mess)
             fsync_dir(self.path("mess"))
+        if os.path.exists(mess):
+            # Old format (or a repeated take-over): todo/QID is the envelope alone.
+            self.write_state(state)
+            self.unlink_quiet(self.path("todo", qid))
+            return
+        # One file: its state first, so that a crash before the rename leaves
+        # todo/QID with info/QID, which send resumes from the state.
         self.write_state(state)
-        self.unlink_quiet(self.path("todo", qid))
+        try:
+            os.rename(self.path("todo", qid), mess)
+        except FileNotFoundError:
+            return
+        fsync_dir(self.path("mess"))
 
     def remove(self, qid: str) -> None:
         """Forget a message: state first, then the message, wherever they are."""
@@ -282,14 +324,30 @@ class Spool:
                 is_qid(name)
                 and f"{name}.msg" not in todo
                 and not os.path.exists(self.path("mess", name))
+                and not self._has_header(self.path("todo", name))
             ):
-                yield self.path("todo", name)  # an envelope whose message never landed
+                yield self.path("todo", name)  # an old envelope whose message never landed
         info = set(os.listdir(self.path("info")))
         for name in os.listdir(self.path("mess")):
             if name not in info and name not in todo:
                 path = self.path("mess", name)
                 if _older(path, now, max_age):
                     yield path
+
+    @staticmethod
+    def _has_header(path: str) -> bool:
+        """Is this a one-file entry (as opposed to an old-format envelope)?"""
+        try:
+            with open(path, "rb") as f:
+                return f.read(len(SPOOL_TAG)) == SPOOL_TAG
+        except FileNotFoundError:
+            return True  # gone meanwhile: nothing to remove
+
+
+def entry_header(envelope: bytes) -> bytes:
+    """The header a spool file starts with: the tag, the envelope's length, LF,
+    the envelope (text0)."""
+    return SPOOL_TAG + b"%d\n" % len(envelope) + envelope
 
 
 def _older(path: str, now: float, max_age: float) -> bool:

@@ -195,10 +195,26 @@ class Instance:
                 found += [f"{sub}/{n}" for n in os.listdir(d)]
         return found
 
+    def queued(self) -> list[tuple[str, bytes, bytes]]:
+        """(queue id, envelope, message) of every new entry in todo/, oldest first."""
+        todo = self.spool / "todo"
+        return [(n, *read_spool_file(todo / n)) for n in sorted(os.listdir(todo))]
+
     def run(self, name: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("timeout", 60)
         return subprocess.run([program(name), "--config", str(self.config_path), *args], **kwargs)
+
+
+def read_spool_file(path: Path) -> tuple[bytes, bytes]:
+    """(envelope, message) of a spool file, parsed as docs/queue.md describes it:
+    ``MGQ1 <length>`` LF, that many bytes of envelope, then the message."""
+    data = path.read_bytes()
+    line, newline, rest = data.partition(b"\n")
+    assert newline and line.startswith(b"MGQ1 ") and line[5:].isdigit(), data[:40]
+    length = int(line[5:])
+    assert rest[length - 2 : length] == b"\0\0"  # text0: the envelope ends with NUL NUL
+    return rest[:length], rest[length:]
 
 
 def _connectable(host: str, port: int) -> bool:

@@ -1,8 +1,10 @@
 """Writing one message into a mailbox: Maildir, mbox (and /file aliases), or a |command.
 
 Each function runs in a child that already is the recipient's uid; it reads
-the spool message from ``fd`` (LF line ends) with ``pread``, so every
-recipient starts at offset 0 and nothing is held in memory.
+the spool message from ``fd`` (LF line ends) with ``pread``
+(:func:`mailgrave.fileio.blocks`, which skips the spool file's header), so
+every recipient starts at the message's first byte and nothing is held in
+memory.
 """
 
 from __future__ import annotations
@@ -13,35 +15,14 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 
 from mailgrave.errors import PermFail, TempFail
-from mailgrave.fileio import blocks, fsync_dir, write_all
+from mailgrave.fileio import blocks, fsync_dir, header_lines, lines, write_all
 
 BLOCK = 1 << 16  # write buffer for mbox quoting
 DOTLOCK_STALE = 300.0
 PIPE_TIMEOUT = 600.0
 _counter = 0
-
-
-def lines(fd: int) -> Iterator[bytes]:
-    """The message line by line (the last line may lack its LF)."""
-    rest = b""
-    for data in blocks(fd):
-        data = rest + data
-        parts = data.split(b"\n")
-        rest = parts.pop()
-        for part in parts:
-            yield part + b"\n"
-    if rest:
-        yield rest
-
-
-def header_lines(fd: int) -> Iterator[bytes]:
-    for line in lines(fd):
-        if line in (b"\n", b"\r\n"):
-            return
-        yield line
 
 
 def has_delivered_to(fd: int, rcpt: str) -> bool:

@@ -88,11 +88,15 @@ def _entries(config: configmod.Config) -> list[tuple[str, object]]:
         if qid in known:
             continue
         try:
-            env = decode(spool.read_todo_envelope(qid), validate=False)
-            size = os.path.getsize(spool.message_path(qid))
+            entry = spool.read_new(qid)
+            if entry is None:
+                continue
+            env = decode(entry[0], validate=False)
         except (OSError, EnvelopeError):
             continue
-        state = State(qid, env.sender, [Recipient(a) for a in env.recipients], qid_time(qid), size)
+        state = State(
+            qid, env.sender, [Recipient(a) for a in env.recipients], qid_time(qid), entry[1]
+        )
         out.append((qid, state))
     return sorted(out, key=lambda item: item[0])
 
@@ -145,10 +149,10 @@ def cmd_queue_show(config: configmod.Config, qid: str) -> int:
             for line in obj.transcript:
                 print(f"  {line}")
         print("Headers:")
+        from mailgrave.fileio import header_lines
+
         with open(Spool(config.spool).message_path(qid), "rb") as f:
-            for raw in f:
-                if raw in (b"\n", b"\r\n"):
-                    break
+            for raw in header_lines(f.fileno()):
                 print("  " + raw.decode("utf-8", "replace").rstrip("\r\n"))
         return EXIT_OK
     print(f"mailgrave: no message {qid} in the queue", file=sys.stderr)

@@ -24,7 +24,7 @@ from mailgrave import maillog
 from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
 from mailgrave.fileio import write_all
-from mailgrave.spool import GroupSync, Spool, new_qid
+from mailgrave.spool import GroupSync, Spool, entry_header, new_qid
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class Queue:
         attrs: dict[str, str] | None,
         uid: int | None,
     ) -> tuple[str, Envelope, int]:
-        """Write the message, then its envelope, durably; return (qid, envelope, size).
+        """Write the envelope and the message into one file, durably; return
+        (qid, envelope, size of the message).
 
         ``envelope_source`` is the raw envelope when it arrives before the
         message (queue.ctrl), or a function that reads it after the message
@@ -130,35 +131,36 @@ class Queue:
             attrs = None
         spool = self.spool
         qid = new_qid()
-        msg_fd = env_fd = -1
+        fd = -1
         committed = False
         try:
             try:
-                msg_fd = spool.create_tmp(qid, "msg")
+                fd = spool.create_tmp(qid)
             except FileExistsError:
                 qid = new_qid()
-                msg_fd = spool.create_tmp(qid, "msg")
-            writer = Writer(msg_fd, self.config.queue.max_message_size)
+                fd = spool.create_tmp(qid)
+            writer = Writer(fd, self.config.queue.max_message_size)
             envelope = None
             if isinstance(envelope_source, bytes):
                 envelope = decode(envelope_source)
-                writer.write(received_line(self.config.hostname, qid, envelope, attrs, uid))
+                header = entry_header(envelope.encode())
+                received = received_line(self.config.hostname, qid, envelope, attrs, uid)
+                write_all(fd, header + received)
+                start = len(header)
             for chunk in chunks:
                 writer.write(chunk)
             writer.finish()
             if envelope is None:
                 assert callable(envelope_source)
                 envelope = decode(envelope_source())
-                header = received_line(self.config.hostname, qid, envelope, attrs, uid)
-                new_fd = _prepend(spool, qid, msg_fd, header)
-                os.close(msg_fd)
-                msg_fd = new_fd
-            size = os.fstat(msg_fd).st_size
-            env_fd = spool.create_tmp(qid, "env")
-            write_all(env_fd, envelope.encode())
-            os.fsync(env_fd)
-            os.rename(spool.path("tmp", f"{qid}.msg"), spool.path("todo", f"{qid}.msg"))
-            os.rename(spool.path("tmp", f"{qid}.env"), spool.path("todo", qid))
+                header = entry_header(envelope.encode())
+                received = received_line(self.config.hostname, qid, envelope, attrs, uid)
+                new_fd = _prepend(spool, qid, fd, header + received)
+                os.close(fd)
+                fd = new_fd
+                start = len(header)
+            size = os.fstat(fd).st_size - start
+            os.rename(spool.path("tmp", qid), spool.path("todo", qid))
             self.todo_sync.sync()
             committed = True
             return qid, envelope, size
@@ -166,20 +168,19 @@ class Queue:
             log.error("%s: cannot write to the spool: %s", qid, exc.strerror or exc)
             raise TempFail("4.3.0 cannot write to the spool") from None
         finally:
-            for fd in (msg_fd, env_fd):
-                if fd >= 0:
-                    os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             if not committed:
                 spool.discard_tmp(qid)
-                spool.unlink_quiet(spool.path("todo", qid), spool.path("todo", f"{qid}.msg"))
+                spool.unlink_quiet(spool.path("todo", qid))
 
 
 def _prepend(spool: Spool, qid: str, fd: int, header: bytes) -> int:
-    """Return a new fsynced tmp/QID.msg that is ``header`` + the old one's content."""
-    old = spool.path("tmp", f"{qid}.msg")
+    """Return a new fsynced tmp/QID that is ``header`` + the old one's content."""
+    old = spool.path("tmp", qid)
     staging = spool.path("tmp", f"{qid}.old")
     os.rename(old, staging)
-    new_fd = spool.create_tmp(qid, "msg")
+    new_fd = spool.create_tmp(qid)
     try:
         write_all(new_fd, header)
         os.lseek(fd, 0, os.SEEK_SET)

@@ -25,7 +25,7 @@ from mailgrave import log as logmod
 from mailgrave import maillog
 from mailgrave.config import Config
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, exit_for
-from mailgrave.fileio import blocks
+from mailgrave.fileio import blocks, message_size
 from mailgrave.route import Hop, hops, smarthost_password
 from mailgrave.smtp.client import Client, SMTPError, Timeouts, wire_format
 
@@ -173,7 +173,7 @@ class Delivery:
             destinations = self._hops(domain)
         except DeliveryError as exc:
             return [(exc.code, exc.text)] * len(rcpts), []
-        size = os.fstat(fd).st_size
+        size = message_size(fd)
         needs_utf8 = any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts])
         transcript: list[str] = []
         last = "4.4.1 no host could be reached"

@@ -176,24 +176,20 @@ class Scheduler:
 
     def _new_state(self, qid: str) -> State | None:
         try:
-            env = decode(self.spool.read_todo_envelope(qid))
-        except FileNotFoundError:
-            return None
+            entry = self.spool.read_new(qid)
+            if entry is None:
+                return None
+            env = decode(entry[0])
         except EnvelopeError as exc:
             log.error("%s: unreadable envelope (%s); moved to bad/", qid, exc)
             self.spool.quarantine(qid)
-            return None
-        path = self.spool.message_path(qid)
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError:
             return None
         return State(
             qid=qid,
             sender=env.sender,
             recipients=[Recipient(addr) for addr in env.recipients],
             created=qid_time(qid),
-            size=size,
+            size=entry[1],
         )
 
     def collect(self, rescan_deferred: bool) -> list[Job]:
@@ -501,11 +497,14 @@ def apply_control(spool: Spool, qid: str, action: str) -> bool:
         if action in ("release", "retry"):
             return True
         try:
-            env = decode(spool.read_todo_envelope(qid), validate=False)
+            entry = spool.read_new(qid)
+            if entry is None:
+                return False
+            env = decode(entry[0], validate=False)
         except (OSError, EnvelopeError):
             return False
         state = State(qid, env.sender, [Recipient(a) for a in env.recipients], qid_time(qid))
-        state.size = os.path.getsize(spool.message_path(qid))
+        state.size = entry[1]
         state.held = True
         spool.take_over(qid, state)
         return True

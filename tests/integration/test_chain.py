@@ -31,11 +31,31 @@ def test_sendmail_to_virtual_maildir(instance: Instance, processes: Processes) -
     res = instance.sendmail("alice@example.org", data=b"Subject: hi\n\nhello\n")
     assert res.returncode == 0, res.stderr
     wait_for(lambda: delivered(instance, "alice"))
+    # The spool file's header (the envelope) never reaches the mailbox.
+    [raw] = instance.messages("alice")
+    assert raw.startswith(b"Return-Path: <") and b"\0" not in raw and b"MGQ1" not in raw
     [msg] = delivered(instance, "alice")
     assert msg["Subject"] == "hi"
     assert msg["Delivered-To"] == "alice@example.org"
     assert msg["Return-Path"] and msg["Received"]
     assert msg.get_content() == "hello\n"
+    wait_for(lambda: instance.spool_entries() == [])
+
+
+def test_entry_of_the_old_two_file_format_is_delivered_after_an_upgrade(
+    instance: Instance, processes: Processes
+) -> None:
+    from mailgrave.spool import new_qid
+
+    (instance.spool / "todo").mkdir(parents=True, exist_ok=True)
+    qid = new_qid()
+    old = b"Received: by old.example.org (MailGrave)\n\tid X; now\nSubject: old\n\nkept\n"
+    (instance.spool / "todo" / f"{qid}.msg").write_bytes(old)
+    (instance.spool / "todo" / qid).write_bytes(b"Fbob@example.org\0Talice@example.org\0\0")
+    instance.start(processes)
+    wait_for(lambda: delivered(instance, "alice"))
+    [raw] = instance.messages("alice")
+    assert raw == b"Return-Path: <bob@example.org>\nDelivered-To: alice@example.org\n" + old
     wait_for(lambda: instance.spool_entries() == [])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +15,7 @@ from tests.integration.test_queue import start_queue
 
 def queued(inst: Instance) -> list[tuple[bytes, bytes]]:
     """(envelope, message) of every entry in todo/, oldest first."""
-    todo = inst.spool / "todo"
-    names = sorted(n for n in os.listdir(todo) if not n.endswith(".msg"))
-    return [((todo / n).read_bytes(), (todo / f"{n}.msg").read_bytes()) for n in names]
+    return [(envelope, message) for _, envelope, message in inst.queued()]
 
 
 @pytest.fixture

@@ -141,10 +141,8 @@ def test_forward_file_read_as_the_user(
     assert b"forwarded to bob@example.org" in res.stdout
     assert len(list((Path(user.pw_dir) / "Maildir" / "new").iterdir())) == 1
     # The forwarded copy is queued with the original sender and a Delivered-To line.
-    todo = instance.spool / "todo"
-    [env] = [p for p in todo.iterdir() if not p.name.endswith(".msg")]
-    assert env.read_bytes() == b"Fsender@example.net\0Tbob@example.org\0\0"
-    copy = (todo / f"{env.name}.msg").read_bytes()
+    [(_, envelope, copy)] = instance.queued()
+    assert envelope == b"Fsender@example.net\0Tbob@example.org\0\0"
     assert f"Delivered-To: {user.pw_name}@example.org".encode() in copy
 
 

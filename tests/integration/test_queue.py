@@ -47,15 +47,15 @@ def test_by_hand_commits_message_with_received_line(instance: Instance) -> None:
         instance, b"Subject: hi\r\n\r\nhello\r\n", b"Fme@example.org\0Talice@example.org\0\0"
     )
     assert res.returncode == 0, res.stderr
-    todo = sorted(os.listdir(instance.spool / "todo"))
-    assert len(todo) == 2 and todo[1] == todo[0] + ".msg"
-    msg = (instance.spool / "todo" / todo[1]).read_bytes()
+    # One file: the envelope in its header (read after the message here, as
+    # qmail-queue does), then the message.
+    [(qid, envelope, msg)] = instance.queued()
+    assert os.listdir(instance.spool / "todo") == [qid]
+    assert envelope == b"Fme@example.org\0Talice@example.org\0\0"
     assert msg.startswith(b"Received: by mx.example.org (MailGrave, from userid ")
-    assert f"id {todo[0]}".encode() in msg and b"for <alice@example.org>" in msg
+    assert f"id {qid}".encode() in msg and b"for <alice@example.org>" in msg
     assert msg.endswith(b"Subject: hi\n\nhello\n")  # spool stores LF line ends
-    assert (
-        instance.spool / "todo" / todo[0]
-    ).read_bytes() == b"Fme@example.org\0Talice@example.org\0\0"
+    assert os.listdir(instance.spool / "tmp") == []
 
 
 @pytest.mark.parametrize(
@@ -79,7 +79,8 @@ def test_service_commit_abort_and_trusted_attributes(
     qc.write(b"Subject: one\r\n\r\n")
     qc.write(b"body\r\n" * 1000)
     qid = qc.commit()
-    msg = (instance.spool / "todo" / f"{qid}.msg").read_bytes()
+    [(found, envelope, msg)] = instance.queued()
+    assert found == qid and envelope == env.encode()
     # The test runs as the queue's own uid, which the queue trusts.
     assert msg.startswith(
         b"Received: from client.example ([192.0.2.7])\n\tby mx.example.org (MailGrave) with ESMTP id "
@@ -92,7 +93,7 @@ def test_service_commit_abort_and_trusted_attributes(
     qc.write(b"Subject: two\n\npartial")
     qc.abort()
     wait_for(lambda: os.listdir(instance.spool / "tmp") == [])
-    assert sorted(os.listdir(instance.spool / "todo")) == [qid, f"{qid}.msg"]
+    assert os.listdir(instance.spool / "todo") == [qid]
 
 
 def test_service_refuses_bad_envelope_and_oversize(tmp_path: Path, processes: Processes) -> None:
@@ -129,7 +130,11 @@ def test_parallel_submissions_get_unique_ids(instance: Instance, processes: Proc
     for t in threads:
         t.join()
     assert len(set(qids)) == 60
-    assert len(os.listdir(instance.spool / "todo")) == 120
+    entries = instance.queued()
+    assert sorted(qid for qid, _, _ in entries) == sorted(qids)
+    for _, envelope, message in entries:  # each envelope beside its own message
+        i = message.rpartition(b"message ")[2].strip()
+        assert envelope == b"Fme@example.org\0Tuser" + i + b"@example.org\0\0"
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="mounts a tiny tmpfs")
@@ -177,7 +182,8 @@ def test_fifty_megabytes_in_bounded_memory(instance: Instance, processes: Proces
     for _ in range(50):
         qc.write(block)
     qid = qc.commit()
-    size = (instance.spool / "todo" / f"{qid}.msg").stat().st_size
-    assert size > 50 * 990_000
+    [msg] = [message for found, _, message in instance.queued() if found == qid]
+    assert len(msg) > 50 * 990_000 and msg.endswith(line.replace(b"\r", b""))
+    del msg
     growth = _hwm_kb(proc.pid) - baseline
     assert growth < 10 * 1024, f"queue RSS grew {growth} kB for a 50 MB message"

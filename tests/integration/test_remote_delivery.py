@@ -339,7 +339,12 @@ def test_one_of_three_refused_gives_one_bounce_naming_it(
     report = list(bounce.iter_parts())[1].get_payload()
     assert [r["Final-Recipient"] for r in report[1:]] == ["rfc822; reject-me@example.net"]
     assert "550 5.1.1" in report[1]["Diagnostic-Code"]
-    assert peer.messages()[0][0]["rcpt_tos"] == ["a@example.net", "c@example.net"]
+    [(meta, body)] = peer.messages()
+    assert meta["rcpt_tos"] == ["a@example.net", "c@example.net"]
+    # What leaves is the message from its Received: line on, not the spool header.
+    assert body.startswith(b"Received: by ") and b"\0" not in body
+    returned = list(bounce.iter_parts())[2].as_bytes()
+    assert b"Subject: three" in returned and b"MGQ1" not in returned and b"\0" not in returned
     wait_for(lambda: inst.spool_entries() == [])
 
 
