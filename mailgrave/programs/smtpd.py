@@ -412,6 +412,7 @@ class Listener:
 
         if self.config.smtpd.tls.certificate:
             import ssl  # noqa: F401
+        _warm_up(self.config)
 
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
@@ -547,6 +548,37 @@ class Listener:
             _serve_and_exit(lambda: serve_connection(self.config, conn, ip))
         self.children[pid] = ip
         conn.close()
+
+
+WARM_UP = (
+    b"EHLO warm-up.invalid\r\n",
+    b"MAIL FROM:<warm-up@warm-up.invalid>\r\n",
+    b"RCPT TO:<postmaster>\r\n",
+    b"RCPT TO:<nobody@warm-up.invalid>\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"QUIT\r\n",
+)
+
+
+def _warm_up(config: configmod.Config) -> None:
+    """One session in the listener itself, over a socketpair, before any fork.
+
+    CPython 3.11 specialises the bytecode of a function after its first
+    executions, and the policy fills its caches (relay networks) on first
+    use: done here once, in pages every child shares, instead of written
+    (and so copied) in each child. No DATA: the queue is not involved.
+    """
+    ours, theirs = socket.socketpair()
+    try:
+        with mglog.muted(), ours, theirs:
+            session = Session(config, Channel(theirs, 5.0), "127.0.0.1")
+            session.channel.send(session.server.greeting())
+            for line in WARM_UP:
+                session._handle(session.server.receive_data(line))
+                ours.recv(READ_SIZE)
+    except Exception as exc:  # only an optimisation: never a reason not to serve
+        log.debug("warm-up session failed: %s", type(exc).__name__)
 
 
 def _serve_and_exit(session: Callable[[], None]) -> NoReturn:
