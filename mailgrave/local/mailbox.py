@@ -9,6 +9,7 @@ memory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -44,17 +45,25 @@ def _io_failure(exc: OSError, what: str) -> TempFail | PermFail:
 
 
 def maildir(path: str, fd: int, prefix: bytes) -> str:
-    """Deliver into the Maildir ``path``: tmp/ → fsync → link into new/ → fsync new/."""
+    """Deliver into the Maildir ``path``: tmp/ → fsync → link into new/ → fsync new/.
+
+    A missing Maildir (or part of one) is created when the first attempt finds
+    it missing.  The unlink of the tmp/ name is not made durable: after a crash
+    readers ignore tmp/, and the message is already in new/.
+    """
     global _counter
     try:
-        for sub in ("", "tmp", "new", "cur"):
-            os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
         _counter += 1
         now = time.time()
         host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         name = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{_counter}.{host}"
         tmp = os.path.join(path, "tmp", name)
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            out = os.open(tmp, flags, 0o600)
+        except FileNotFoundError:
+            _make_maildir(path)
+            out = os.open(tmp, flags, 0o600)
         try:
             write_all(out, prefix)
             for data in blocks(fd):
@@ -67,19 +76,37 @@ def maildir(path: str, fd: int, prefix: bytes) -> str:
         os.close(out)
         new = os.path.join(path, "new", name)
         try:
-            os.link(tmp, new)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            try:
+                _link_or_rename(tmp, new)
+            except FileNotFoundError:  # tmp/ was there, new/ was not
+                _make_maildir(path)
+                _link_or_rename(tmp, new)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-                raise
-            os.rename(tmp, new)  # a file system without hard links: the name is unique anyway
-        else:
-            os.unlink(tmp)
-        for sub in ("new", "tmp"):
-            fsync_dir(os.path.join(path, sub))
+            raise
+        fsync_dir(os.path.join(path, "new"))
     except OSError as exc:
         raise _io_failure(exc, f"maildir {path}") from None
     return f"2.0.0 delivered to maildir {path}"
+
+
+def _make_maildir(path: str) -> None:
+    for sub in ("", "tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+
+
+def _link_or_rename(tmp: str, new: str) -> None:
+    """Give the message its name in new/: link then unlink (Maildir's way: never
+    replaces a file), or rename on a file system without hard links."""
+    try:
+        os.link(tmp, new)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        os.rename(tmp, new)  # the name is unique anyway
+    else:
+        os.unlink(tmp)
 
 
 def _dotlock(path: str) -> str | None:

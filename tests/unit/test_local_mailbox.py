@@ -41,6 +41,38 @@ def test_maildir_created_named_and_complete(tmp_path: Path) -> None:
     assert [m["Subject"] for m in box] == ["s"] * 3
 
 
+def test_maildir_with_only_tmp_is_completed(tmp_path: Path) -> None:
+    # A Maildir someone half made (tmp/ only): the delivery creates new/ and
+    # cur/ instead of failing at the link into new/, and leaves tmp/ empty.
+    fd = message_fd(tmp_path)
+    md = tmp_path / "Maildir"
+    (md / "tmp").mkdir(parents=True)
+    assert mailbox.maildir(str(md), fd, b"").startswith("2.0.0")
+    assert [p.read_bytes() for p in (md / "new").iterdir()] == [MSG]
+    assert (md / "cur").is_dir() and list((md / "tmp").iterdir()) == []
+
+
+def test_maildir_failure_leaves_no_file_in_tmp(tmp_path: Path) -> None:
+    fd = message_fd(tmp_path)
+    md = tmp_path / "Maildir"
+    mailbox.maildir(str(md), fd, b"")
+    for f in (md / "new").iterdir():
+        f.unlink()
+    (md / "new").rmdir()
+    (md / "new").write_bytes(b"")  # new/ is a file: no directory can be made there
+    with pytest.raises(TempFail):
+        mailbox.maildir(str(md), fd, b"")
+    assert list((md / "tmp").iterdir()) == []
+
+
+def test_spool_header_is_not_delivered(tmp_path: Path) -> None:
+    envelope = b"Fa@b.c\0Tx@y.z\0\0"
+    fd = message_fd(tmp_path, b"MGQ1 %d\n" % len(envelope) + envelope + MSG)
+    md = tmp_path / "Maildir"
+    mailbox.maildir(str(md), fd, b"Delivered-To: x@y.z\n")
+    assert [p.read_bytes() for p in (md / "new").iterdir()] == [b"Delivered-To: x@y.z\n" + MSG]
+
+
 def test_mbox_quoting_from_line_and_blank_line(tmp_path: Path) -> None:
     fd = message_fd(tmp_path)
     path = tmp_path / "mbox"
