@@ -59,19 +59,52 @@ def decode(data: bytes, *, validate: bool = True) -> Envelope:
     return Envelope(sender, tuple(recipients))
 
 
-def read_envelope(stream: BinaryIO, limit: int = MAX_ENVELOPE) -> bytes:
-    """Read one text0 envelope from a buffered ``stream``, up to its final empty field."""
+def read_fields(stream: BinaryIO, limit: int, first: bytes | None = None) -> bytes:
+    """NUL-terminated fields from ``stream`` up to and including the empty field
+    that ends them (``a\\0b\\0\\0``, or ``\\0`` alone when there are none),
+    consuming nothing after it.
+
+    A buffered stream is searched a buffer at a time (``peek``): a submission's
+    attributes and envelope arrive in one piece, and reading them a byte at a
+    time cost the queue 0.1 ms per message. Raises EOFError when the stream ends
+    first, OverflowError past ``limit`` bytes, and ValueError at once when the
+    first byte is not ``first``.
+    """
+    peek = getattr(stream, "peek", None)
     buf = bytearray()
     while True:
-        b = stream.read(1)
-        if not b:
-            raise EnvelopeError("envelope truncated")
-        buf += b
-        if len(buf) > limit:
-            raise EnvelopeError("envelope too large")
-        if len(buf) >= 3 and buf.endswith(b"\0\0"):
-            if not buf.startswith(b"F"):
-                raise EnvelopeError("envelope does not start with F")
-            return bytes(buf)
-        if len(buf) == 1 and b != b"F":
-            raise EnvelopeError("envelope does not start with F")
+        chunk = peek() if peek is not None else stream.read(1)
+        if not chunk:
+            raise EOFError
+        start = len(buf)
+        buf += chunk
+        if first is not None and buf[:1] != first:
+            raise ValueError
+        if buf[:1] == b"\0":
+            end = 1
+        else:
+            end = buf.find(b"\0\0", max(0, start - 1))
+            end = end + 2 if end >= 0 else -1
+        if end < 0:
+            if peek is not None:
+                stream.read(len(chunk))
+            if len(buf) > limit:
+                raise OverflowError
+            continue
+        if peek is not None:
+            stream.read(end - start)
+        if end > limit:
+            raise OverflowError
+        return bytes(buf[:end])
+
+
+def read_envelope(stream: BinaryIO, limit: int = MAX_ENVELOPE) -> bytes:
+    """Read one text0 envelope from a buffered ``stream``, up to its final empty field."""
+    try:
+        return read_fields(stream, limit, first=b"F")
+    except EOFError:
+        raise EnvelopeError("envelope truncated") from None
+    except OverflowError:
+        raise EnvelopeError("envelope too large") from None
+    except ValueError:
+        raise EnvelopeError("envelope does not start with F") from None

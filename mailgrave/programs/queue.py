@@ -21,7 +21,7 @@ from typing import BinaryIO
 from mailgrave import config as configmod
 from mailgrave import log as logmod
 from mailgrave import maillog
-from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
+from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope, read_fields
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
 from mailgrave.fileio import write_all
 from mailgrave.spool import GroupSync, Spool, entry_header, new_qid
@@ -221,22 +221,17 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 
 def _read_attrs(stream: BinaryIO) -> dict[str, str]:
+    try:
+        block = read_fields(stream, MAX_ATTRS)
+    except EOFError:
+        raise ConnectionError("submission truncated") from None
+    except OverflowError:
+        raise PermFail("5.5.4 attributes too long") from None
     attrs: dict[str, str] = {}
-    buf = bytearray()
-    total = 0
-    while True:
-        b = _read_exact(stream, 1)
-        total += 1
-        if total > MAX_ATTRS:
-            raise PermFail("5.5.4 attributes too long")
-        if b != b"\0":
-            buf += b
-            continue
-        if not buf:
-            return attrs
-        key, _, value = bytes(buf).decode("utf-8", "replace").partition("=")
+    for item in block.split(b"\0")[:-2]:
+        key, _, value = item.decode("utf-8", "replace").partition("=")
         attrs[key] = value
-        buf.clear()
+    return attrs
 
 
 def _chunks(stream: BinaryIO) -> Iterator[bytes]:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailgrave.address import AddressError, parse, parse_or_local, to_ascii_domain
-from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
+from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope, read_fields
 
 
 def test_domain_lowercased_and_idn_to_a_labels() -> None:
@@ -90,3 +93,56 @@ def test_read_envelope_truncated() -> None:
         read_envelope(io.BytesIO(b"Fa@b.c\0Ta@b"))
     with pytest.raises(EnvelopeError):
         read_envelope(io.BytesIO(b"Xjunk"))
+
+
+class _Chunky(io.RawIOBase):
+    """A raw stream that hands out its data in the given piece sizes (as a socket may)."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self.data, self.sizes = data, sizes or [1]
+        self.calls = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self.sizes[self.calls % len(self.sizes)], len(self.data))
+        self.calls += 1
+        b[:n], self.data = self.data[:n], self.data[n:]
+        return n
+
+
+fields = st.lists(st.binary(min_size=1, max_size=12).filter(lambda f: b"\0" not in f), max_size=6)
+
+
+@given(
+    fields,
+    st.binary(max_size=20),
+    st.lists(st.integers(1, 7), max_size=5),
+    st.integers(1, 16),
+)
+def test_read_fields_stops_exactly_at_the_end_of_the_block(
+    items: list[bytes], rest: bytes, sizes: list[int], buffer: int
+) -> None:
+    block = b"".join(f + b"\0" for f in items) + b"\0"
+    raw = _Chunky(block + rest, sizes)
+    stream = io.BufferedReader(raw, buffer_size=buffer)
+    assert read_fields(stream, 1000) == block
+    assert stream.read() == rest  # nothing after the block was consumed
+    # Without peek (one byte at a time) the answer is the same.
+    plain = io.BytesIO(block + rest)
+    assert read_fields(plain, 1000) == block and plain.read() == rest
+
+
+def test_read_fields_limits_and_truncation() -> None:
+    with pytest.raises(OverflowError):
+        read_fields(io.BufferedReader(io.BytesIO(b"a" * 100 + b"\0\0")), 50)
+    with pytest.raises(OverflowError):  # a block longer than the limit, found in one peek
+        read_fields(io.BufferedReader(io.BytesIO(b"a" * 60 + b"\0\0")), 50)
+    with pytest.raises(EOFError):
+        read_fields(io.BufferedReader(io.BytesIO(b"a\0b\0")), 50)
+    # A wrong first byte is refused before anything else is read.
+    raw = _Chunky(b"X" + b"y" * 10_000, [1])
+    with pytest.raises(ValueError):
+        read_fields(io.BufferedReader(raw, buffer_size=1), 1 << 20, first=b"F")
+    assert raw.calls == 1
