@@ -144,6 +144,28 @@ def test_pipe_gets_prefix_and_body_exit_codes(tmp_path: Path) -> None:
         mailbox.pipe("exit 1", fd, b"", env)
 
 
+def test_pipe_command_cannot_reach_the_spool_file(tmp_path: Path) -> None:
+    # The spool file's header holds every recipient (Bcc too): a command run for
+    # one recipient gets the message on a pipe and no descriptor of that file.
+    envelope = b"Fa@b.c\0Tme@x.y\0Tsecret-bcc@elsewhere.example\0\0"
+    fd = message_fd(tmp_path, b"MGQ1 %d\n" % len(envelope) + envelope + MSG)
+    out = tmp_path / "out"
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    (tmp_path / "probe.py").write_text(
+        "import os\n"
+        "for n in range(1024):\n"
+        "    try:\n"
+        "        print(n, os.readlink(f'/proc/self/fd/{n}'))\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
+    mailbox.pipe(f"/usr/bin/python3 {tmp_path}/probe.py > {out}; cat >> {out}", fd, b"", env)
+    seen = out.read_bytes()
+    assert seen.startswith(b"0 pipe:")  # the probe ran; its standard input is the pipe
+    assert b"spool.msg" not in seen and b"secret-bcc" not in seen
+    assert seen.endswith(MSG)
+
+
 def test_mbox_from_line_stays_one_word_per_field(tmp_path: Path) -> None:
     fd = message_fd(tmp_path)
     path = tmp_path / "mbox"
