@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailgrave.fileio import SPOOL_TAG, fsync_dir, message_size, message_start, write_all
+from mailgrave.fileio import SPOOL_TAG, fsync_dir, message_start, write_all
 
 SUBDIRS = ("tmp", "todo", "mess", "info", "ctl", "bad")
 # An old-format message file in todo/ without its envelope was there for the
@@ -186,10 +186,9 @@ class Spool:
 
     # --- queue side ---------------------------------------------------------
 
-    def create_tmp(self, qid: str, suffix: str = "") -> int:
-        name = f"{qid}.{suffix}" if suffix else qid
+    def create_tmp(self, qid: str) -> int:
         return os.open(
-            self.path("tmp", name),
+            self.path("tmp", qid),
             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
             0o640,
         )
@@ -215,14 +214,6 @@ class Spool:
             if os.path.exists(path):
                 return path
         return self.path("todo", qid)
-
-    def message_size(self, qid: str) -> int:
-        """The message's size in bytes, its spool header not counted."""
-        fd = os.open(self.message_path(qid), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return message_size(fd)
-        finally:
-            os.close(fd)
 
     def read_new(self, qid: str) -> tuple[bytes, int] | None:
         """The envelope and message size of the new entry todo/QID; None when it
