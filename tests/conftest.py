@@ -14,8 +14,15 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 
 BIN = Path(sys.executable).parent
+
+# The property tests check behaviour, not speed: on a loaded machine (CI, or a
+# system test beside them) an example may take longer than hypothesis's
+# default 200 ms deadline, which would fail a correct test.
+settings.register_profile("mailgrave", deadline=None)
+settings.load_profile("mailgrave")
 ROOT = Path(__file__).resolve().parent.parent
 
 
