@@ -217,17 +217,26 @@ class Spool:
 
     def read_new(self, qid: str) -> tuple[bytes, int] | None:
         """The envelope and message size of the new entry todo/QID; None when it
-        is gone, or is an old-format envelope whose message is missing."""
+        is gone, or is an old-format envelope whose message is missing.
+
+        Raises EnvelopeError for a file that has the spool tag but no valid
+        header (damaged: the caller moves it to bad/).
+        """
         try:
             fd = os.open(self.path("todo", qid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
             start = message_start(fd)
-            if start:
-                head = os.pread(fd, start, 0)
-                return head[head.index(b"\n") + 1 :], os.fstat(fd).st_size - start
-            envelope = os.pread(fd, os.fstat(fd).st_size, 0)
+            head = os.pread(fd, start or len(SPOOL_TAG), 0)
+            size = os.fstat(fd).st_size
+            if start and start <= size:
+                return head[head.index(b"\n") + 1 :], size - start
+            if head.startswith(SPOOL_TAG):
+                from mailgrave.envelope import EnvelopeError
+
+                raise EnvelopeError("damaged spool header")
+            envelope = os.pread(fd, size, 0)
         finally:
             os.close(fd)
         message = self.message_path(qid)

@@ -59,6 +59,27 @@ def test_entry_of_the_old_two_file_format_is_delivered_after_an_upgrade(
     wait_for(lambda: instance.spool_entries() == [])
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [b"MGQ1 99999\nFa@b.c\0Tx@y.z\0\0Subject: short\n", b"MGQ1 x\nSubject: no length\n"],
+    ids=["length past the end", "no length"],
+)
+def test_damaged_spool_file_is_moved_to_bad(
+    instance: Instance, processes: Processes, damaged: bytes
+) -> None:
+    # A file with the spool tag but no valid header (never written so: a disk
+    # fault) is neither delivered nor left to be read again at every run.
+    from mailgrave.spool import new_qid
+
+    (instance.spool / "todo").mkdir(parents=True, exist_ok=True)
+    qid = new_qid()
+    (instance.spool / "todo" / qid).write_bytes(damaged)
+    instance.start(processes)
+    wait_for(lambda: (instance.spool / "bad" / qid).exists())
+    assert (instance.spool / "bad" / qid).read_bytes() == damaged
+    assert os.listdir(instance.spool / "todo") == [] and instance.messages("alice") == []
+
+
 def test_remote_recipient_stays_queued_and_is_listed(tmp_path: Path, processes: Processes) -> None:
     inst = Instance(tmp_path)
     inst.start(processes)

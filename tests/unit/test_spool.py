@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mailgrave import spool as spoolmod
+from mailgrave.envelope import EnvelopeError
 from mailgrave.fileio import blocks, header_lines, message_size, message_start
 from mailgrave.spool import GroupSync, Recipient, Spool, State, is_qid, new_qid, qid_time
 
@@ -109,6 +110,21 @@ def test_message_start_ignores_what_is_not_a_header(tmp_path: Path) -> None:
             assert message_size(fd) == max(0, len(data) - start)
         finally:
             os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "data", [b"MGQ1 99\nFa@b.c\0Tx@y.z\0\0short", b"MGQ1 \nFa@b.c\0\0", b"MGQ1 "]
+)
+def test_damaged_header_is_an_envelope_error(tmp_path: Path, data: bytes) -> None:
+    sp = Spool(str(tmp_path))
+    sp.create()
+    qid = new_qid()
+    Path(sp.path("todo", qid)).write_bytes(data)
+    with pytest.raises(EnvelopeError, match="damaged spool header"):
+        sp.read_new(qid)
+    assert list(sp.stale(max_age=0)) == []  # not debris: send moves it to bad/
+    sp.quarantine(qid)
+    assert os.listdir(sp.path("bad")) == [qid]
 
 
 def test_todo_lists_committed_entries_only(tmp_path: Path) -> None:
