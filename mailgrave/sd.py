@@ -7,6 +7,7 @@ import os
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
+    from typing import Any
 
 SD_LISTEN_FDS_START = 3
 
@@ -38,15 +39,7 @@ def stdin_socket() -> socket.socket | None:
     """fd 0 as a socket when it is one (inetd style, systemd ``Accept=yes``)."""
     import socket
 
-    try:
-        sock = socket.socket(fileno=os.dup(0))
-    except OSError:
-        return None
-    try:
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-    except OSError:
-        sock.close()
-        return None
+    sock: socket.socket | None = _stdin_as(socket)
     return sock
 
 
@@ -57,21 +50,27 @@ def stdin_raw_socket() -> socket.socket | None:
     and no import of :mod:`socket` (enum, selectors)."""
     import _socket
 
+    sock: socket.socket | None = _stdin_as(_socket)
+    return sock
+
+
+def _stdin_as(module: Any) -> Any:
+    """A ``module.socket`` on a duplicate of fd 0, or None when fd 0 is no socket."""
     try:
         fd = os.dup(0)
     except OSError:
         return None
     try:
-        sock = _socket.socket(fileno=fd)
+        sock = module.socket(fileno=fd)
     except OSError:
         os.close(fd)
         return None
     try:
-        sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_TYPE)
+        sock.getsockopt(module.SOL_SOCKET, module.SO_TYPE)
     except OSError:
         sock.close()
         return None
-    return sock  # type: ignore[return-value]
+    return sock
 
 
 def peer_uid(sock: socket.socket) -> int | None:
