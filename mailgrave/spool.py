@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailgrave.envelope import EnvelopeError
 from mailgrave.fileio import SPOOL_TAG, fsync_dir, message_start, write_all
 
 SUBDIRS = ("tmp", "todo", "mess", "info", "ctl", "bad")
@@ -233,8 +234,6 @@ class Spool:
             if start and start <= size:
                 return head[head.index(b"\n") + 1 :], size - start
             if head.startswith(SPOOL_TAG):
-                from mailgrave.envelope import EnvelopeError
-
                 raise EnvelopeError("damaged spool header")
             envelope = os.pread(fd, size, 0)
         finally:
