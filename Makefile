@@ -51,7 +51,7 @@ $(VENV)/.venv-stamp: pyproject.toml packaging/bin/mailgrave-smtpd.in $(VENV)/.de
 	@touch $@
 
 run: venv
-	$(BIN)/python -m mailgrave.devrun --port $(RUN_PORT)
+	$(BIN)/python -m mailgrave.admin.devrun --port $(RUN_PORT)
 
 lint: venv
 	$(BIN)/ruff check $(LINT_DIRS)

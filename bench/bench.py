@@ -173,7 +173,7 @@ def short_name(pid: int) -> str:
         if base == "mailgrave":
             return "mailgrave run"
         if base.startswith("mailgrave"):
-            return base.replace("mailgrave.programs.", "mailgrave-")
+            return base.replace("mailgrave.", "mailgrave-")
     return os.path.basename(cmd[0]) if cmd else "?"
 
 

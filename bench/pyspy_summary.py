@@ -18,8 +18,8 @@ PROC = re.compile(r'^process (\d+):"([^"]*)"')
 def kind(cmd: str) -> str:
     words = cmd.split()
     for word in words[:3]:
-        if word.startswith("mailgrave.programs."):
-            return word.removeprefix("mailgrave.programs.")
+        if word.startswith("mailgrave."):  # python -m mailgrave.STAGE (mailgrave run)
+            return word.removeprefix("mailgrave.")
         base = word.rsplit("/", 1)[-1]
         if base == "mailgrave":
             return "run"

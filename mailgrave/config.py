@@ -550,6 +550,8 @@ def write_cache(
     import marshal
     import zlib
 
+    from mailgrave.fileio import replace_file
+
     if directory is None:
         return False
     if os.geteuid() == 0 and directory.startswith(CACHE_ROOT + "/"):
@@ -558,29 +560,14 @@ def write_cache(
             os.mkdir(directory, 0o700)
         except OSError:
             pass
-    tmp = f"{directory}/.config.{os.getpid()}"
     try:
         payload = marshal.dumps((key, settings))
         data = _CACHE_MAGIC + zlib.crc32(payload).to_bytes(4, "big") + payload
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
+        # No fsync: a cache lost in a crash only costs the next start a parse.
+        replace_file(
+            f"{directory}/config", data, directory, False, mode=0o600, fsync=False, owner=owner
+        )
     except (OSError, ValueError):
-        return False
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if owner is not None:
-                os.fchown(fd, *owner)
-        finally:
-            os.close(fd)
-        os.rename(tmp, f"{directory}/config")
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return False
     return True
 

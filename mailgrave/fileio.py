@@ -1,14 +1,13 @@
-"""The two durable-write primitives every writer of mail uses."""
+"""Durable writes: every file MailGrave creates goes through :func:`write_new`."""
 
 from __future__ import annotations
 
+import _thread
 import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-BLOCK = 1 << 16
+    from collections.abc import Iterable
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -27,60 +26,62 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-# A spool file (docs/queue.md) starts with a header: this tag, the length of
-# the envelope in decimal, LF, then the envelope (text0); the message follows.
-# Files written before that format are the message alone.
-SPOOL_TAG = b"MGQ1 "
-_HEADER_PEEK = 32
+def write_new(
+    path: str,
+    chunks: Iterable[bytes],
+    mode: int = 0o600,
+    *,
+    fsync: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Create ``path`` (which must not exist, nor be a symbolic link), write
+    ``chunks``, fsync it (unless ``fsync`` is false) and close it; ``owner``
+    (root only) is the uid and gid it is given. On any failure the file is
+    removed: nothing half-written stays behind.
+
+    Callers give the file its real name afterwards: a rename over the old
+    version (:func:`replace_file`), a link into a Maildir's ``new/``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, mode)
+    try:
+        for data in chunks:
+            write_all(fd, data)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
 
 
-def message_start(fd: int) -> int:
-    """Where the message begins in the spool file ``fd``: just after its header,
-    or 0 in a file without one (a message never starts with the tag: the queue's
-    ``Received:`` line comes first)."""
-    head = os.pread(fd, _HEADER_PEEK, 0)
-    if not head.startswith(SPOOL_TAG):
-        return 0
-    line, newline, _ = head.partition(b"\n")
-    digits = line[len(SPOOL_TAG) :]
-    if not newline or not digits.isdigit():
-        return 0
-    return len(line) + 1 + int(digits)
-
-
-def message_size(fd: int) -> int:
-    """The size of the message in the spool file ``fd``, without the header."""
-    return max(0, os.fstat(fd).st_size - message_start(fd))
-
-
-def blocks(fd: int) -> Iterator[bytes]:
-    """A spool message's bytes with ``pread`` (the fd's position is shared with
-    whoever passed it, so it is never moved), in bounded pieces, header skipped."""
-    offset = message_start(fd)
-    while True:
-        data = os.pread(fd, BLOCK, offset)
-        if not data:
-            return
-        offset += len(data)
-        yield data
-
-
-def lines(fd: int) -> Iterator[bytes]:
-    """The spool message line by line (the last line may lack its LF)."""
-    rest = b""
-    for data in blocks(fd):
-        data = rest + data
-        parts = data.split(b"\n")
-        rest = parts.pop()
-        for part in parts:
-            yield part + b"\n"
-    if rest:
-        yield rest
-
-
-def header_lines(fd: int) -> Iterator[bytes]:
-    """The spool message's header lines, up to the blank line."""
-    for line in lines(fd):
-        if line in (b"\n", b"\r\n"):
-            return
-        yield line
+def replace_file(
+    path: str,
+    data: bytes,
+    tmp_dir: str,
+    sync_dir: bool = True,
+    *,
+    mode: int = 0o640,
+    fsync: bool = True,
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Replace ``path`` with ``data`` atomically: a temporary file in ``tmp_dir``
+    (:func:`write_new`), renamed over ``path``, then (``sync_dir``) an fsync of
+    ``path``'s directory so that the new version is durable."""
+    tmp = os.path.join(tmp_dir, f".{os.path.basename(path)}.{os.getpid()}.{_thread.get_ident()}")
+    try:
+        write_new(tmp, (data,), mode, fsync=fsync, owner=owner)
+    except FileExistsError:
+        # Left by a process that crashed with this pid and thread id: ours now.
+        os.unlink(tmp)
+        write_new(tmp, (data,), mode, fsync=fsync, owner=owner)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    if sync_dir:
+        fsync_dir(os.path.dirname(path))

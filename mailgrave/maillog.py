@@ -8,6 +8,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from mailgrave.errors import Result
+
 
 def _emit(level: int, text: str, **fields: object) -> None:
     emit(level, text, {f"MAILGRAVE_{k.upper()}": v for k, v in fields.items()})
@@ -72,16 +74,16 @@ def rejected(stage: str, client: str, reason: str, **fields: object) -> None:
     _emit(INFO, f"reject {stage} from {client}: {reason}", status="rejected", **fields)
 
 
-def attempt(qid: str, rcpt: str, agent: str, line: str) -> None:
-    """What a delivery agent (local, remote) did for one recipient: its K/Z/D result line.
+def attempt(qid: str, rcpt: str, agent: str, result: Result) -> None:
+    """What a delivery agent (local, remote) did for one recipient.
 
     mailgrave-send logs the decision (delivered / deferred / failed) with
     MAILGRAVE_STATUS; this line is the agent's own account of the attempt.
     """
-    outcome = {"K": "ok", "Z": "temporary failure", "D": "permanent failure"}.get(line[:1], "?")
+    outcome = {"K": "ok", "Z": "temporary failure", "D": "permanent failure"}[result.code]
     _emit(
-        INFO if line[:1] == "K" else WARNING,
-        f"{qid}: {agent} to=<{rcpt}> {outcome}: {quote(line[1:], 300)}",
+        INFO if result.ok else WARNING,
+        f"{qid}: {agent} to=<{rcpt}> {outcome}: {quote(result.reply_text(), 300)}",
         qid=qid,
         rcpt=rcpt,
     )

@@ -4,9 +4,12 @@ A per-connection program such as ``mailgrave-smtpd`` in ``Accept=yes`` mode
 pays for every import on every connection, so the small value classes on its
 path (configuration sections, SMTP replies and events, addresses) are plain
 classes made into frozen records by :func:`record`: keyword or positional
-construction, defaults from the class body, ``==``, ``hash``, ``repr`` and
-:meth:`Record.replace`. For mypy, :func:`record` is a ``dataclass_transform``,
-so constructors are type-checked as a frozen dataclass's would be.
+construction, defaults from the class body (or a :func:`factory` for a fresh
+list or dict per instance), ``==``, ``hash``, ``repr`` and
+:meth:`Record.replace`. ``@record(frozen=False)`` makes a record whose fields
+may be assigned (the scheduler's view of a queue entry); it has no hash. For
+mypy, :func:`record` is a ``dataclass_transform``, so constructors are
+type-checked as a dataclass's would be. MailGrave has no other record style.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class Record:
 
     _fields: tuple[str, ...] = ()
     _required: frozenset[str] = frozenset()
+    _factories: tuple[tuple[str, Callable[[], Any]], ...] = ()
+    _frozen = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         fields = self._fields
@@ -41,6 +46,9 @@ class Record:
         missing = self._required.difference(kwargs)
         if missing:
             raise TypeError(f"{type(self).__name__}: missing {', '.join(sorted(missing))}")
+        for name, make in self._factories:
+            if name not in kwargs:
+                kwargs[name] = make()
         self.__dict__.update(kwargs)
         post = getattr(self, "_post_init", None)
         if post is not None:
@@ -63,10 +71,16 @@ class Record:
         return f"{type(self).__name__}({inner})"
 
     def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}: {type(self).__name__} is frozen")
+        if self._frozen:
+            raise AttributeError(
+                f"cannot assign to field {name!r}: {type(self).__name__} is frozen"
+            )
+        if name not in self._fields:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+        self.__dict__[name] = value
 
     def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}: {type(self).__name__} is frozen")
+        raise AttributeError(f"cannot delete field {name!r} of {type(self).__name__}")
 
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed (as ``dataclasses.replace``)."""
@@ -79,54 +93,88 @@ _MISSING = object()
 
 
 if TYPE_CHECKING:
+    from typing import overload
 
+    @overload
     @dataclass_transform(frozen_default=True)
-    def record(cls: type[_T]) -> type[_T]: ...
+    def record(cls: type[_T], /) -> type[_T]: ...
+
+    @overload
+    @dataclass_transform(frozen_default=True)
+    def record(*, frozen: bool = True) -> Callable[[type[_T]], type[_T]]: ...
+
+    def record(cls: Any = None, /, *, frozen: bool = True) -> Any: ...
 
 else:
 
-    def record(cls):
+    def record(cls=None, /, *, frozen=True):
         """Make ``cls`` (a subclass of :class:`Record`) a record of its annotated fields.
 
         A class attribute that is a :class:`Field` (see :func:`field`) is
         replaced by its default and remembered in ``cls._specs``.
         """
+        if cls is None:
+            return lambda cls: _make(cls, frozen)
+        return _make(cls, frozen)
+
+    def _make(cls, frozen):
         own = cls.__dict__.get("__annotations__", {})  # noqa: RUF063 (no inspect here)
         fields = [*cls._fields]
         required = set(cls._required)
+        factories = dict(cls._factories)
         specs = dict(getattr(cls, "_specs", {}))
         for name in own:
             value = cls.__dict__.get(name, _MISSING)
             if isinstance(value, Field):
                 specs[name] = value
-                value = value.default
-                type.__setattr__(cls, name, value)
+                if value.factory is not None:
+                    factories[name] = value.factory
+                    type.__delattr__(cls, name)
+                    value = None
+                else:
+                    value = value.default
+                    type.__setattr__(cls, name, value)
             if name not in fields:
                 fields.append(name)
             if value is _MISSING:
                 required.add(name)
         cls._fields = tuple(fields)
         cls._required = frozenset(required)
+        cls._factories = tuple(factories.items())
         cls._specs = specs
+        cls._frozen = frozen
+        if not frozen:
+            cls.__hash__ = None
         return cls
 
 
 class Field:
-    """A field's default with what else a schema needs (a converter, a sub-record)."""
+    """A field's default with what else a schema needs (a converter, a sub-record),
+    or the factory that makes each instance's own default."""
 
-    __slots__ = ("convert", "default", "section")
+    __slots__ = ("convert", "default", "factory", "section")
 
     def __init__(
-        self, default: object, convert: Callable[[object], Any] | None, section: type | None
+        self,
+        default: object,
+        convert: Callable[[object], Any] | None,
+        section: type | None,
+        factory: Callable[[], Any] | None = None,
     ) -> None:
         self.default = default
         self.convert = convert
         self.section = section
+        self.factory = factory
 
 
 def field(default: _T, convert: Callable[[object], Any] | None = None) -> _T:
     """A field with a converter (for :mod:`mailgrave.config`); typed as its default."""
     return Field(default, convert, None)  # type: ignore[return-value]
+
+
+def factory(make: Callable[[], _T]) -> _T:
+    """A field whose default is ``make()``, called for each instance (a list, a dict)."""
+    return Field(None, None, None, make)  # type: ignore[return-value]
 
 
 def section(cls: type[_T]) -> _T:

@@ -1,38 +1,45 @@
-"""The spool: directories, queue ids, durable writes, per-message state.
+"""The spool: its file format, the commit point, each message's state, the admin actions.
 
 See docs/queue.md for the states and the commit point.  In short:
 
-* ``tmp/QID`` is being written by mailgrave-queue: a header with the envelope
-  (:data:`mailgrave.fileio.SPOOL_TAG`), then the message;
-* ``todo/QID`` is a committed new message — its rename into ``todo/``
-  followed by an fsync of ``todo/`` is the commit point;
+* ``tmp/QID`` is a :class:`Submission` being written by mailgrave-queue: a
+  header with the envelope (:data:`TAG`), then the message, LF line ends;
+* ``todo/QID`` is a committed new message: its rename into ``todo/``
+  followed by an fsync of ``todo/`` (shared by concurrent submissions,
+  :class:`GroupSync`) is the commit point;
 * ``mess/QID`` + ``info/QID`` is a message that mailgrave-send has taken over
-  and that still has recipients to deliver (``info`` holds the envelope and
-  each recipient's state as JSON).
+  and that still has recipients to deliver (``info`` holds the
+  :class:`Entry`: the envelope and each recipient's state, as JSON);
+* ``ctl/QID.ACTION`` is an administrator's request for the running
+  mailgrave-send (:meth:`Spool.request`), applied by :meth:`Spool.apply`.
 
-Spools written before the one-file format hold ``todo/QID`` (the envelope
-alone) beside ``todo/QID.msg`` (the message, no header); they are still read
-and delivered, and :meth:`Spool.stale` tells their debris from new entries.
+This module is the only one that knows the format: every reader of a message
+goes through :func:`blocks` (which skips the header).
 """
 
 from __future__ import annotations
 
+import enum
+import fcntl
+import json
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
-from mailgrave.envelope import EnvelopeError
-from mailgrave.fileio import SPOOL_TAG, fsync_dir, message_start, write_all
+from mailgrave import maillog
+from mailgrave.envelope import EnvelopeError, decode
+from mailgrave.errors import PermFail
+from mailgrave.fileio import fsync_dir, replace_file, write_all
+from mailgrave.record import Record, factory, record
 
 SUBDIRS = ("tmp", "todo", "mess", "info", "ctl", "bad")
-# An old-format message file in todo/ without its envelope was there for the
-# instant between two renames; older than this it is the debris of a crash.
-TODO_ORPHAN_AGE = 60.0
+ACTIONS = ("delete", "hold", "release", "retry")
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+# --- queue ids ---------------------------------------------------------------------
 
 
 def new_qid(now: float | None = None) -> str:
@@ -63,6 +70,95 @@ def qid_time(qid: str) -> float:
     for c in qid[:11]:
         micros = micros * 32 + _CROCKFORD.index(c)
     return micros / 1_000_000
+
+
+# --- the file format -----------------------------------------------------------------
+
+# A spool file starts with a header: this tag, the length of the envelope in
+# decimal, LF, then the envelope (text0); the message follows, LF line ends.
+TAG = b"MGQ1 "
+BLOCK = 1 << 16
+_HEADER_PEEK = 32
+
+
+def entry_header(envelope: bytes) -> bytes:
+    """The header a spool file starts with: the tag, the envelope's length, LF,
+    the envelope (text0)."""
+    return TAG + b"%d\n" % len(envelope) + envelope
+
+
+def message_start(fd: int) -> int:
+    """Where the message begins in the spool file ``fd``: just after its header.
+
+    Raises EnvelopeError when the file has no valid header (damaged).
+    """
+    head = os.pread(fd, _HEADER_PEEK, 0)
+    line, newline, _ = head.partition(b"\n")
+    digits = line[len(TAG) :]
+    if not head.startswith(TAG) or not newline or not digits.isdigit():
+        raise EnvelopeError("damaged spool header")
+    return len(line) + 1 + int(digits)
+
+
+def message_size(fd: int) -> int:
+    """The size of the message in the spool file ``fd``, without the header."""
+    return max(0, os.fstat(fd).st_size - message_start(fd))
+
+
+def blocks(fd: int, start: int | None = None) -> Iterator[bytes]:
+    """A message's bytes with ``pread`` (the fd's position is shared with whoever
+    passed it, so it is never moved), in bounded pieces; the spool header is
+    skipped (``start``: from there instead, 0 for a file that is a bare message)."""
+    offset = message_start(fd) if start is None else start
+    while True:
+        data = os.pread(fd, BLOCK, offset)
+        if not data:
+            return
+        offset += len(data)
+        yield data
+
+
+def lines(fd: int, start: int | None = None) -> Iterator[bytes]:
+    """The message line by line (the last line may lack its LF)."""
+    rest = b""
+    for data in blocks(fd, start):
+        data = rest + data
+        parts = data.split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part + b"\n"
+    if rest:
+        yield rest
+
+
+def header_lines(fd: int, start: int | None = None) -> Iterator[bytes]:
+    """The message's header lines, up to the blank line."""
+    for line in lines(fd, start):
+        if line in (b"\n", b"\r\n"):
+            return
+        yield line
+
+
+def scratch_entry(source: BinaryIO, envelope: bytes) -> int:
+    """A message given by hand to mailgrave-local or mailgrave-remote, as a spool
+    file: an unlinked temporary file with the header, then the message from
+    ``source`` with LF line ends. Returns its descriptor (closed at exit)."""
+    import tempfile
+
+    tmp = tempfile.TemporaryFile()  # noqa: SIM115 - the caller owns the descriptor
+    fd = os.dup(tmp.fileno())
+    tmp.close()
+    write_all(fd, entry_header(envelope))
+    held = b""
+    while data := source.read(BLOCK):
+        data = held + data
+        held = b"\r" if data.endswith(b"\r") else b""
+        write_all(fd, data[: len(data) - len(held)].replace(b"\r\n", b"\n"))
+    write_all(fd, held)
+    return fd
+
+
+# --- writing a new entry ----------------------------------------------------------------
 
 
 class GroupSync:
@@ -106,25 +202,128 @@ class GroupSync:
                 raise self._error
 
 
-@dataclass
-class Recipient:
+class Submission:
+    """One new entry being written into ``tmp/QID``: the header (when the envelope
+    is known first), then the message with LF line ends, at most ``limit`` bytes.
+    :meth:`commit` is the commit point; until then :meth:`discard` (or any
+    failure) leaves nothing behind."""
+
+    def __init__(self, spool: Spool, limit: int) -> None:
+        self.spool = spool
+        self.limit = limit
+        self.qid = new_qid()
+        try:
+            self.fd = spool.create_tmp(self.qid)
+        except FileExistsError:
+            self.qid = new_qid()
+            self.fd = spool.create_tmp(self.qid)
+        self.size = 0  # of the message, header not counted
+        self.start = 0  # where the message begins in the file
+        self._cr = False
+        self._open = True
+
+    def begin(self, envelope: bytes, first: bytes) -> None:
+        """Write the header for ``envelope`` (text0), then ``first`` (the Received: line)."""
+        header = entry_header(envelope)
+        write_all(self.fd, header + first)
+        self.start = len(header)
+        self.size = len(first)
+
+    def write(self, data: bytes) -> None:
+        """Message bytes, CRLF or LF line ends (stored as LF); PermFail past the limit."""
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._cr = True
+        data = data.replace(b"\r\n", b"\n")
+        self.size += len(data)
+        if self.size > self.limit:
+            raise PermFail("5.3.4 message too big")
+        write_all(self.fd, data)
+
+    def prepend(self, envelope: bytes, first: bytes) -> None:
+        """The envelope arrived after the message (qmail-queue's fd 1): write a new
+        tmp/QID that is the header and ``first``, then what was written so far."""
+        self._flush_cr()
+        tmp = self.spool.path("tmp", self.qid)
+        staging = self.spool.path("tmp", f"{self.qid}.old")
+        os.rename(tmp, staging)
+        old, self.fd = self.fd, self.spool.create_tmp(self.qid)
+        try:
+            size = self.size
+            self.begin(envelope, first)
+            self.size += size
+            offset = 0
+            while block := os.pread(old, 1 << 20, offset):
+                write_all(self.fd, block)
+                offset += len(block)
+        finally:
+            os.close(old)
+            os.unlink(staging)
+
+    def _flush_cr(self) -> None:
+        if self._cr:
+            self._cr = False
+            self.size += 1
+            write_all(self.fd, b"\r")
+
+    def commit(self, todo_sync: GroupSync) -> None:
+        """fsync the file, rename it into todo/, fsync todo/ (shared): the commit point."""
+        self._flush_cr()
+        os.fsync(self.fd)
+        os.rename(self.spool.path("tmp", self.qid), self.spool.path("todo", self.qid))
+        self._close()
+        try:
+            todo_sync.sync()
+        except BaseException:
+            # Not acknowledged: take it back (a crash here may leave it; see docs/queue.md).
+            self.spool.unlink_quiet(self.spool.path("todo", self.qid))
+            raise
+
+    def discard(self) -> None:
+        """Drop the submission: nothing stays in the spool."""
+        if self._open:
+            self._close()
+            self.spool.unlink_quiet(self.spool.path("tmp", self.qid))
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            os.close(self.fd)
+
+
+# --- what mailgrave-send knows about a message -------------------------------------------
+
+
+class RecipientState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@record(frozen=False)
+class Recipient(Record):
     """One recipient's delivery state inside ``info/QID``."""
 
     addr: str
-    state: str = "pending"  # pending | delivered | failed
+    state: RecipientState = RecipientState.PENDING
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: str = ""
     first_failure: float = 0.0
+    status: str = ""  # the enhanced status code of the last reply
+    remote: str = ""  # the host that gave it (remote deliveries)
 
     @property
     def done(self) -> bool:
-        return self.state in ("delivered", "failed")
+        return self.state is not RecipientState.PENDING
 
 
-@dataclass
-class State:
-    """What mailgrave-send knows about a message it has taken over."""
+@record(frozen=False)
+class Entry(Record):
+    """What mailgrave-send knows about a message it has taken over (``info/QID``)."""
 
     qid: str
     sender: str
@@ -133,12 +332,10 @@ class State:
     size: int = 0
     held: bool = False
     warned: bool = False
-    bounced: list[str] = field(default_factory=list)
-    transcript: list[str] = field(default_factory=list)
+    bounced: list[str] = factory(list)
+    transcript: list[str] = factory(list)
 
     def to_json(self) -> bytes:
-        import json
-
         data: dict[str, Any] = {
             "qid": self.qid,
             "sender": self.sender,
@@ -148,15 +345,20 @@ class State:
             "warned": self.warned,
             "bounced": self.bounced,
             "transcript": self.transcript[-200:],
-            "recipients": [vars(r) for r in self.recipients],
+            "recipients": [
+                {name: getattr(r, name) for name in Recipient._fields} for r in self.recipients
+            ],
         }
         return json.dumps(data, indent=1).encode("utf-8") + b"\n"
 
     @classmethod
-    def from_json(cls, raw: bytes) -> State:
-        import json
-
+    def from_json(cls, raw: bytes) -> Entry:
         data = json.loads(raw)
+        recipients = []
+        for r in data["recipients"]:
+            fields = {k: v for k, v in r.items() if k in Recipient._fields}
+            fields["state"] = RecipientState(fields.get("state", "pending"))
+            recipients.append(Recipient(**fields))
         return cls(
             qid=data["qid"],
             sender=data["sender"],
@@ -166,8 +368,11 @@ class State:
             warned=bool(data.get("warned", False)),
             bounced=list(data.get("bounced", [])),
             transcript=list(data.get("transcript", [])),
-            recipients=[Recipient(**r) for r in data["recipients"]],
+            recipients=recipients,
         )
+
+
+# --- the spool directory --------------------------------------------------------------
 
 
 class Spool:
@@ -185,8 +390,6 @@ class Spool:
         for sub in SUBDIRS:
             os.makedirs(self.path(sub), mode=mode, exist_ok=True)
 
-    # --- queue side ---------------------------------------------------------
-
     def create_tmp(self, qid: str) -> int:
         return os.open(
             self.path("tmp", qid),
@@ -194,14 +397,8 @@ class Spool:
             0o640,
         )
 
-    def discard_tmp(self, qid: str) -> None:
-        self.unlink_quiet(self.path("tmp", qid))
-
-    # --- send side ----------------------------------------------------------
-
     def todo(self) -> list[str]:
-        """Committed new messages, oldest first (old format: the envelope's name,
-        its message beside it or, after an interrupted take-over, in mess/)."""
+        """Committed new messages, oldest first."""
         return sorted(n for n in os.listdir(self.path("todo")) if is_qid(n))
 
     def deferred(self) -> list[str]:
@@ -209,19 +406,15 @@ class Spool:
         return sorted(n for n in os.listdir(self.path("info")) if is_qid(n))
 
     def message_path(self, qid: str) -> str:
-        """The file that holds the message: mess/QID once taken over, todo/QID
-        while new (old format: todo/QID.msg)."""
-        for path in (self.path("mess", qid), self.path("todo", f"{qid}.msg")):
-            if os.path.exists(path):
-                return path
-        return self.path("todo", qid)
+        """The file that holds the message: mess/QID once taken over, todo/QID while new."""
+        mess = self.path("mess", qid)
+        return mess if os.path.exists(mess) else self.path("todo", qid)
 
     def read_new(self, qid: str) -> tuple[bytes, int] | None:
-        """The envelope and message size of the new entry todo/QID; None when it
-        is gone, or is an old-format envelope whose message is missing.
+        """The envelope and message size of the new entry todo/QID; None when it is gone.
 
-        Raises EnvelopeError for a file that has the spool tag but no valid
-        header (damaged: the caller moves it to bad/).
+        Raises EnvelopeError for a file without a valid header (damaged: the
+        caller moves it to bad/).
         """
         try:
             fd = os.open(self.path("todo", qid), os.O_RDONLY | os.O_CLOEXEC)
@@ -229,63 +422,69 @@ class Spool:
             return None
         try:
             start = message_start(fd)
-            head = os.pread(fd, start or len(SPOOL_TAG), 0)
             size = os.fstat(fd).st_size
-            if start and start <= size:
-                return head[head.index(b"\n") + 1 :], size - start
-            if head.startswith(SPOOL_TAG):
+            if start > size:
                 raise EnvelopeError("damaged spool header")
-            envelope = os.pread(fd, size, 0)
+            head = os.pread(fd, start, 0)
         finally:
             os.close(fd)
-        message = self.message_path(qid)
-        if message == self.path("todo", qid):
-            return None  # old format, and its message never landed
-        try:
-            return envelope, os.path.getsize(message)
-        except FileNotFoundError:
-            return None
+        return head[head.index(b"\n") + 1 :], size - start
 
-    def read_state(self, qid: str) -> State | None:
+    def new_entry(self, qid: str, validate: bool = True) -> Entry | None:
+        """The :class:`Entry` of a new message in todo/ (no recipient tried yet);
+        None when it is gone. Raises EnvelopeError (see :meth:`read_new`)."""
+        found = self.read_new(qid)
+        if found is None:
+            return None
+        env = decode(found[0], validate=validate)
+        recipients = [Recipient(addr) for addr in env.recipients]
+        return Entry(qid, env.sender, recipients, qid_time(qid), found[1])
+
+    def read_entry(self, qid: str) -> Entry | None:
         try:
             with open(self.path("info", qid), "rb") as f:
-                return State.from_json(f.read())
+                return Entry.from_json(f.read())
         except FileNotFoundError:
             return None
 
-    def write_state(self, state: State, sync_dir: bool = True) -> None:
+    def write_entry(self, entry: Entry, sync_dir: bool = True) -> None:
         """Replace ``info/QID`` atomically and durably."""
-        write_atomic(self.path("info", state.qid), state.to_json(), self.path("tmp"), sync_dir)
+        replace_file(self.path("info", entry.qid), entry.to_json(), self.path("tmp"), sync_dir)
 
-    def take_over(self, qid: str, state: State) -> None:
-        """Move a new message out of todo/ into mess/ + info/ (it has work left)."""
-        mess = self.path("mess", qid)
-        old_format = self.path("todo", f"{qid}.msg")
-        if os.path.exists(old_format):
-            os.rename(old_format, mess)
-            fsync_dir(self.path("mess"))
-        if os.path.exists(mess):
-            # Old format (or a repeated take-over): todo/QID is the envelope alone.
-            self.write_state(state)
-            self.unlink_quiet(self.path("todo", qid))
-            return
-        # One file: its state first, so that a crash before the rename leaves
-        # todo/QID with info/QID, which send resumes from the state.
-        self.write_state(state)
+    def entries(self) -> list[Entry]:
+        """Every message in the queue, taken over or new, oldest first (for listings)."""
+        found = {}
+        for qid in self.deferred():
+            entry = self.read_entry(qid)
+            if entry is not None:
+                found[qid] = entry
+        for qid in self.todo():
+            if qid in found:
+                continue
+            try:
+                entry = self.new_entry(qid, validate=False)
+            except (OSError, EnvelopeError):
+                continue
+            if entry is not None:
+                found[qid] = entry
+        return [found[qid] for qid in sorted(found)]
+
+    def take_over(self, entry: Entry) -> None:
+        """Move a new message out of todo/ into mess/ + info/ (it has work left).
+
+        Its state first, so that a crash before the rename leaves todo/QID with
+        info/QID, which send resumes from the state.
+        """
+        self.write_entry(entry)
         try:
-            os.rename(self.path("todo", qid), mess)
+            os.rename(self.path("todo", entry.qid), self.path("mess", entry.qid))
         except FileNotFoundError:
             return
         fsync_dir(self.path("mess"))
 
     def remove(self, qid: str) -> None:
         """Forget a message: state first, then the message, wherever they are."""
-        self.unlink_quiet(
-            self.path("info", qid),
-            self.path("todo", qid),
-            self.path("todo", f"{qid}.msg"),
-            self.path("mess", qid),
-        )
+        self.unlink_quiet(self.path("info", qid), self.path("todo", qid), self.path("mess", qid))
 
     @staticmethod
     def unlink_quiet(*paths: str) -> None:
@@ -298,15 +497,14 @@ class Spool:
 
     def quarantine(self, qid: str) -> None:
         """Move a corrupt new message out of todo/ into bad/ for the administrator."""
-        for name in (qid, f"{qid}.msg"):
-            try:
-                os.rename(self.path("todo", name), self.path("bad", name))
-            except FileNotFoundError:
-                pass
+        try:
+            os.rename(self.path("todo", qid), self.path("bad", qid))
+        except FileNotFoundError:
+            pass
 
     def stale(self, max_age: float = 86400.0) -> Iterator[str]:
-        """Leftovers of a crash: tmp files, messages without an envelope or state,
-        older than ``max_age`` (younger ones may still be being written)."""
+        """Leftovers of a crash older than ``max_age`` (younger ones may still be
+        being written): tmp files, and messages in mess/ without a state."""
         now = time.time()
         tmp = self.path("tmp")
         for name in os.listdir(tmp):
@@ -314,18 +512,6 @@ class Spool:
             if _older(path, now, max_age):
                 yield path
         todo = set(os.listdir(self.path("todo")))
-        for name in todo:
-            if name.endswith(".msg") and name[:-4] not in todo:
-                path = self.path("todo", name)
-                if _older(path, now, TODO_ORPHAN_AGE):
-                    yield path
-            elif (
-                is_qid(name)
-                and f"{name}.msg" not in todo
-                and not os.path.exists(self.path("mess", name))
-                and not self._has_header(self.path("todo", name))
-            ):
-                yield self.path("todo", name)  # an old envelope whose message never landed
         info = set(os.listdir(self.path("info")))
         for name in os.listdir(self.path("mess")):
             if name not in info and name not in todo:
@@ -333,20 +519,82 @@ class Spool:
                 if _older(path, now, max_age):
                     yield path
 
-    @staticmethod
-    def _has_header(path: str) -> bool:
-        """Is this a one-file entry (as opposed to an old-format envelope)?"""
+    # --- the administrator's actions ---------------------------------------------------
+
+    def with_send_lock(self, blocking: bool, body: Callable[[], int]) -> int | None:
+        """Run ``body`` holding spool/send.lock (one scheduler, or one admin action,
+        at a time); None when another holds it and ``blocking`` is false."""
+        fd = os.open(self.path("send.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            with open(path, "rb") as f:
-                return f.read(len(SPOOL_TAG)) == SPOOL_TAG
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return None
+            return body()
+        finally:
+            os.close(fd)
+
+    def request(self, qid: str, action: str) -> None:
+        """Leave ``action`` on ``qid`` in ctl/ for the running mailgrave-send."""
+        open(self.path("ctl", f"{qid}.{action}"), "w").close()
+
+    def wake(self) -> None:
+        """Start a delivery run (ctl/ not empty wakes mailgrave-send.path)."""
+        open(self.path("ctl", "wake"), "w").close()
+
+    def requests(self) -> list[tuple[str, str, str]]:
+        """(qid, action, path) of each request in ctl/, in order."""
+        ctl = self.path("ctl")
+        try:
+            names = sorted(os.listdir(ctl))
         except FileNotFoundError:
-            return True  # gone meanwhile: nothing to remove
+            return []
+        out = []
+        for name in names:
+            qid, _, action = name.partition(".")
+            out.append((qid, action, os.path.join(ctl, name)))
+        return out
 
+    def apply(self, qid: str, action: str) -> bool:
+        """delete / hold / release / retry one message; True when it exists.
 
-def entry_header(envelope: bytes) -> bytes:
-    """The header a spool file starts with: the tag, the envelope's length, LF,
-    the envelope (text0)."""
-    return SPOOL_TAG + b"%d\n" % len(envelope) + envelope
+        The caller holds the send lock (or is the running mailgrave-send).
+        """
+        entry = self.read_entry(qid)
+        if entry is None:
+            # A message still in todo/: take it over so that it has a state to change.
+            if not os.path.exists(self.path("todo", qid)):
+                return False
+            if action == "delete":
+                self.remove(qid)
+                maillog.removed(qid, "deleted by the administrator")
+                return True
+            if action in ("release", "retry"):
+                return True
+            try:
+                entry = self.new_entry(qid, validate=False)
+            except (OSError, EnvelopeError):
+                return False
+            if entry is None:
+                return False
+            entry.held = True
+            self.take_over(entry)
+            return True
+        if action == "delete":
+            self.remove(qid)
+            maillog.removed(qid, "deleted by the administrator")
+            return True
+        if action == "hold":
+            entry.held = True
+        elif action == "release":
+            entry.held = False
+        elif action == "retry":
+            entry.held = False
+            for r in entry.recipients:
+                if not r.done:
+                    r.next_attempt = 0.0
+        self.write_entry(entry)
+        return True
 
 
 def _older(path: str, now: float, max_age: float) -> bool:
@@ -354,20 +602,3 @@ def _older(path: str, now: float, max_age: float) -> bool:
         return now - os.stat(path).st_mtime > max_age
     except FileNotFoundError:
         return False
-
-
-def write_atomic(path: str, data: bytes, tmp_dir: str, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path``: temp file, fsync, rename, fsync the directory."""
-    tmp = os.path.join(tmp_dir, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
-    if sync_dir:
-        fsync_dir(os.path.dirname(path))

@@ -224,6 +224,13 @@ def read_spool_file(path: Path) -> tuple[bytes, bytes]:
     return rest[:length], rest[length:]
 
 
+def write_spool_file(path: Path, message: bytes, envelope: bytes = b"F\0Tx@y.z\0\0") -> Path:
+    """A spool file as docs/queue.md describes it (the form every delivery agent
+    reads): ``MGQ1 <length>`` LF, the envelope, then ``message``."""
+    path.write_bytes(b"MGQ1 %d\n" % len(envelope) + envelope + message)
+    return path
+
+
 def _connectable(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

@@ -2,7 +2,7 @@
 
 Each function runs in a child that already is the recipient's uid; it reads
 the spool message from ``fd`` (LF line ends) with ``pread``
-(:func:`mailgrave.fileio.blocks`, which skips the spool file's header), so
+(:func:`mailgrave.spool.blocks`, which skips the spool file's header), so
 every recipient starts at the message's first byte and nothing is held in
 memory.
 """
@@ -15,10 +15,13 @@ import fcntl
 import os
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 
 from mailgrave.errors import PermFail, TempFail
-from mailgrave.fileio import blocks, fsync_dir, header_lines, lines, write_all
+from mailgrave.fileio import fsync_dir, write_all, write_new
+from mailgrave.spool import blocks, header_lines, lines
 
 BLOCK = 1 << 16  # write buffer for mbox quoting
 DOTLOCK_STALE = 300.0
@@ -58,22 +61,11 @@ def maildir(path: str, fd: int, prefix: bytes) -> str:
         host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         name = f"{int(now)}.M{int(now * 1e6) % 1000000}P{os.getpid()}Q{_counter}.{host}"
         tmp = os.path.join(path, "tmp", name)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
-            out = os.open(tmp, flags, 0o600)
+            write_new(tmp, _prefixed(prefix, fd))
         except FileNotFoundError:
             _make_maildir(path)
-            out = os.open(tmp, flags, 0o600)
-        try:
-            write_all(out, prefix)
-            for data in blocks(fd):
-                write_all(out, data)
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            os.unlink(tmp)
-            raise
-        os.close(out)
+            write_new(tmp, _prefixed(prefix, fd))
         new = os.path.join(path, "new", name)
         try:
             try:
@@ -89,6 +81,11 @@ def maildir(path: str, fd: int, prefix: bytes) -> str:
     except OSError as exc:
         raise _io_failure(exc, f"maildir {path}") from None
     return f"2.0.0 delivered to maildir {path}"
+
+
+def _prefixed(prefix: bytes, fd: int) -> Iterator[bytes]:
+    yield prefix
+    yield from blocks(fd)
 
 
 def _make_maildir(path: str) -> None:
@@ -203,8 +200,6 @@ _PERMANENT_EXITS = {64, 65, 67, 68, 69, 70, 76, 77, 78, 100}
 
 def pipe(command: str, fd: int, prefix: bytes, env: dict[str, str]) -> str:
     """Run ``/bin/sh -c command`` with the message on its standard input."""
-    import tempfile
-
     errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
     try:
         proc = subprocess.Popen(

@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
+from mailgrave.errors import leading_status
 from mailgrave.record import Record, record
 
 
 @record
 class Reply(Record):
-    """One reply; ``lines`` holds more text lines for a multi-line reply."""
+    """One reply, sent (mailgrave-smtpd) or received (mailgrave-remote); ``lines``
+    holds the further text lines of a multi-line reply."""
 
     code: int
     enhanced: str
     text: str
     lines: tuple[str, ...] = ()
 
+    @classmethod
+    def parse(cls, code: int, texts: list[str]) -> Reply:
+        """A reply as a client reads it (the text of each line after the code):
+        the enhanced status code (RFC 2034) is taken from the first line when it
+        is of the reply's class, and from every line that repeats it."""
+        status, first = leading_status(texts[0])
+        if not status or status[0] != str(code)[0]:
+            return cls(code, "", texts[0], tuple(texts[1:]))
+        rest = []
+        for text in texts[1:]:
+            again, after = leading_status(text)
+            rest.append(after if again == status else text)
+        return cls(code, status, first, tuple(rest))
+
     @property
     def is_error(self) -> bool:
         return self.code >= 400
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
 
     def encode(self) -> bytes:
         """``250-first`` ... ``250 last``, each ending CRLF; the enhanced code on every line."""
@@ -29,7 +53,9 @@ class Reply(Record):
         return "".join(out).encode("utf-8", "replace")
 
     def __str__(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+        """The whole reply on one line: ``550 5.1.1 No such user here``."""
+        words = [str(self.code), self.enhanced, self.text, *self.lines]
+        return " ".join(w for w in words if w)
 
 
 OK = Reply(250, "2.0.0", "Ok")

@@ -42,33 +42,20 @@ def test_sendmail_to_virtual_maildir(instance: Instance, processes: Processes) -
     wait_for(lambda: instance.spool_entries() == [])
 
 
-def test_entry_of_the_old_two_file_format_is_delivered_after_an_upgrade(
-    instance: Instance, processes: Processes
-) -> None:
-    from mailgrave.spool import new_qid
-
-    (instance.spool / "todo").mkdir(parents=True, exist_ok=True)
-    qid = new_qid()
-    old = b"Received: by old.example.org (MailGrave)\n\tid X; now\nSubject: old\n\nkept\n"
-    (instance.spool / "todo" / f"{qid}.msg").write_bytes(old)
-    (instance.spool / "todo" / qid).write_bytes(b"Fbob@example.org\0Talice@example.org\0\0")
-    instance.start(processes)
-    wait_for(lambda: delivered(instance, "alice"))
-    [raw] = instance.messages("alice")
-    assert raw == b"Return-Path: <bob@example.org>\nDelivered-To: alice@example.org\n" + old
-    wait_for(lambda: instance.spool_entries() == [])
-
-
 @pytest.mark.parametrize(
     "damaged",
-    [b"MGQ1 99999\nFa@b.c\0Tx@y.z\0\0Subject: short\n", b"MGQ1 x\nSubject: no length\n"],
-    ids=["length past the end", "no length"],
+    [
+        b"MGQ1 99999\nFa@b.c\0Tx@y.z\0\0Subject: short\n",
+        b"MGQ1 x\nSubject: no length\n",
+        b"Fbob@example.org\0Talice@example.org\0\0",
+    ],
+    ids=["length past the end", "no length", "no header"],
 )
 def test_damaged_spool_file_is_moved_to_bad(
     instance: Instance, processes: Processes, damaged: bytes
 ) -> None:
-    # A file with the spool tag but no valid header (never written so: a disk
-    # fault) is neither delivered nor left to be read again at every run.
+    # A file without a valid header (never written so: a disk fault) is neither
+    # delivered nor left to be read again at every run.
     from mailgrave.spool import new_qid
 
     (instance.spool / "todo").mkdir(parents=True, exist_ok=True)
@@ -171,7 +158,7 @@ def test_kill_9_queue_and_send_loses_no_acknowledged_message(
             time.sleep(rng.uniform(0.05, 0.3))
             for pid, cmd in _children(sup.pid):
                 for name in kills:
-                    if f"mailgrave.programs.{name} " in cmd + " " and rng.random() < 0.5:
+                    if f"mailgrave.{name} " in cmd + " " and rng.random() < 0.5:
                         try:
                             os.kill(pid, signal.SIGKILL)
                             kills[name] += 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgrave.programs.inject import parse_args
+from mailgrave.inject.program import parse_args
 from tests.conftest import Instance, Processes, program
 from tests.integration.test_queue import start_queue
 

@@ -12,7 +12,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import Instance, Processes, needs_root, program, wait_for
+from tests.conftest import (
+    Instance,
+    Processes,
+    needs_root,
+    program,
+    wait_for,
+    write_spool_file,
+)
 
 MSG = b"Received: by test\nFrom: s@example.net\nSubject: via ctrl\n\nFrom me\nbody\n"
 
@@ -37,9 +44,7 @@ def request(sock: socket.socket, msg_path: Path, qid: str, sender: str, *rcpts: 
 
 
 def spool_message(inst: Instance, data: bytes = MSG) -> Path:
-    path = inst.base / "spool.msg"
-    path.write_bytes(data)
-    return path
+    return write_spool_file(inst.base / "spool.msg", data)
 
 
 def _proc_children(pid: int) -> list[tuple[int, str]]:
@@ -314,15 +319,15 @@ def test_send_keeps_its_local_connection_and_replaces_a_closed_one(
     many messages) and, when that worker has gone, opens a new one instead of failing."""
     import signal
 
-    from mailgrave.programs import send
+    from mailgrave import ctrl
 
     inst = Instance(tmp_path)
     msg = spool_message(inst)
     proc, path = start_listen_fds(inst, processes)
-    agents = send.Agents()
+    agents = ctrl.Agents()
 
     def one(qid: str) -> list[str]:
-        results, _ = send.deliver(
+        results, _ = ctrl.request(
             path, qid, "s@example.net", ["alice@example.org"], str(msg), agents
         )
         return [r.code for r in results]

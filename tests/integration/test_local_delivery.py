@@ -113,7 +113,7 @@ def test_unknown_user_and_delivered_to_loop_are_permanent(instance: Instance) ->
 
 def test_postmaster_root_and_mailer_daemon_always_resolve(tmp_path: Path) -> None:
     from mailgrave import config
-    from mailgrave.local.routing import Router
+    from mailgrave.recipients import Router
 
     inst = Instance(tmp_path)
     inst.settings["local"]["virtual"] = {}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mailgrave.ctrl import QueueClient
 from mailgrave.envelope import Envelope
 from mailgrave.errors import PermFail
-from mailgrave.queueclient import QueueClient
 from tests.conftest import Instance, Processes, program, wait_for
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Instance, Processes, program, wait_for
+from mailgrave.errors import Result
+from tests.conftest import Instance, Processes, program, wait_for, write_spool_file
 from tests.integration.dnsserver import dns_server
 
 
@@ -149,9 +150,7 @@ def answer(reader: Any, count: int) -> tuple[list[str], list[str]]:
 
 
 def spool_message(tmp_path: Path, name: str, text: bytes) -> Path:
-    path = tmp_path / name
-    path.write_bytes(text)
-    return path
+    return write_spool_file(tmp_path / name, text)
 
 
 def test_service_on_stdin_reuses_one_smtp_connection_for_two_requests(
@@ -172,8 +171,10 @@ def test_service_on_stdin_reuses_one_smtp_connection_for_two_requests(
     request(ours, "Q1", "alice@example.org", ["a@example.net", "bad@example.net"], m1)
     transcript, results = answer(reader, 2)
     assert results[0].startswith("K") and "250 2.0.0 queued as S1" in results[0]
-    assert results[1] == (
-        f"D127.0.0.1[127.0.0.1]:{sink.port} said: 550 5.1.1 no such user (in reply to RCPT TO)"
+    host = f"127.0.0.1[127.0.0.1]:{sink.port}"
+    assert results[1] == f"D5.1.1 @{host} 550 5.1.1 no such user (in reply to RCPT TO)"
+    assert Result.from_line(results[1]).describe() == (
+        f"D{host} said: 550 5.1.1 no such user (in reply to RCPT TO)"
     )
     assert any("550 5.1.1" in t for t in transcript)
     assert not any("leading dot" in t for t in transcript)  # never the body

@@ -26,7 +26,7 @@ import os, sys
 sys.path[:0] = [{root!r}]
 sys.path.append("/usr/lib/python3/dist-packages")
 before = set(sys.modules)
-from mailgrave.programs.smtpd import main
+from mailgrave.smtpd.program import main
 try:
     code = main(sys.argv[1:])
 finally:

@@ -4,12 +4,14 @@ import email
 import email.policy
 from pathlib import Path
 
-from mailgrave.bounce import MAX_RETURNED, Failure, notification, status_of
+from mailgrave.send.bounce import MAX_RETURNED, Failure, notification
+from mailgrave.spool import entry_header
 
 
 def _build(tmp_path: Path, body: bytes, delay: bool = False) -> email.message.EmailMessage:
     orig = tmp_path / "orig"
-    orig.write_bytes(b"Received: by x\nFrom: a@example.org\nSubject: original\n\n" + body)
+    head = entry_header(b"Fa@example.org\0Tx@example.net\0Ty@example.net\0\0")
+    orig.write_bytes(head + b"Received: by x\nFrom: a@example.org\nSubject: original\n\n" + body)
     data = b"".join(
         notification(
             hostname="mx.example.org",
@@ -74,10 +76,3 @@ def test_delay_warning(tmp_path: Path) -> None:
     assert "Delayed" in msg["Subject"]
     blocks = list(msg.iter_parts())[1].get_payload()
     assert blocks[2]["Action"] == "delayed"
-
-
-def test_status_of() -> None:
-    assert status_of("550 5.1.1 unknown", True) == "5.1.1"
-    assert status_of("451 4.3.0 later", False) == "4.3.0"
-    assert status_of("connection refused", True) == "5.0.0"
-    assert status_of("4.4.1 timed out", True) == "5.0.0"

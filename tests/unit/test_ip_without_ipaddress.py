@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from mailgrave import config
-from mailgrave.programs.smtpd import _plain_ip
+from mailgrave.smtpd.session import _plain_ip
 
 
 def reference_plain_ip(ip: str) -> str:

@@ -12,13 +12,15 @@ import pytest
 
 from mailgrave.errors import PermFail, TempFail
 from mailgrave.local import mailbox
+from mailgrave.spool import entry_header
 
 MSG = b"Received: by test\nSubject: s\n\nFrom here\n>From there\n>>From far\nFromage\nlast"
 
 
-def message_fd(tmp_path: Path, data: bytes = MSG) -> int:
+def message_fd(tmp_path: Path, data: bytes = MSG, envelope: bytes = b"Fs@x\0Tr@y\0\0") -> int:
+    """A spool file (docs/queue.md) holding ``data``, open for reading."""
     path = tmp_path / "spool.msg"
-    path.write_bytes(data)
+    path.write_bytes(entry_header(envelope) + data)
     return os.open(path, os.O_RDONLY)
 
 
@@ -67,7 +69,7 @@ def test_maildir_failure_leaves_no_file_in_tmp(tmp_path: Path) -> None:
 
 def test_spool_header_is_not_delivered(tmp_path: Path) -> None:
     envelope = b"Fa@b.c\0Tx@y.z\0\0"
-    fd = message_fd(tmp_path, b"MGQ1 %d\n" % len(envelope) + envelope + MSG)
+    fd = message_fd(tmp_path, MSG, envelope)
     md = tmp_path / "Maildir"
     mailbox.maildir(str(md), fd, b"Delivered-To: x@y.z\n")
     assert [p.read_bytes() for p in (md / "new").iterdir()] == [b"Delivered-To: x@y.z\n" + MSG]
@@ -148,7 +150,7 @@ def test_pipe_command_cannot_reach_the_spool_file(tmp_path: Path) -> None:
     # The spool file's header holds every recipient (Bcc too): a command run for
     # one recipient gets the message on a pipe and no descriptor of that file.
     envelope = b"Fa@b.c\0Tme@x.y\0Tsecret-bcc@elsewhere.example\0\0"
-    fd = message_fd(tmp_path, b"MGQ1 %d\n" % len(envelope) + envelope + MSG)
+    fd = message_fd(tmp_path, MSG, envelope)
     out = tmp_path / "out"
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     (tmp_path / "probe.py").write_text(

@@ -10,7 +10,7 @@ import pytest
 
 from mailgrave import config
 from mailgrave.errors import PermFail, TempFail
-from mailgrave.local.routing import (
+from mailgrave.recipients import (
     Router,
     Target,
     parse_alias_items,

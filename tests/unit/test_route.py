@@ -12,7 +12,7 @@ import pytest
 
 from mailgrave.config import Config, parse_text
 from mailgrave.errors import PermFail, TempFail
-from mailgrave.route import hops, route_for, smarthost_password
+from mailgrave.remote.route import hops, route_for, smarthost_password
 from tests.integration.dnsserver import dns_server
 
 ZONE: dict[str, list[Any]] = {

@@ -7,7 +7,7 @@ import socket
 import threading
 from pathlib import Path
 
-from mailgrave.programs.send import Agents, deliver
+from mailgrave.ctrl import Agents, request
 from tests.conftest import wait_for
 
 
@@ -66,7 +66,7 @@ def test_one_connection_serves_many_requests(tmp_path: Path) -> None:
     agents = Agents()
     try:
         for i in range(5):
-            results, transcript = deliver(
+            results, transcript = request(
                 str(tmp_path / "local.ctrl"),
                 f"Q{i}",
                 "s@x.test",
@@ -88,7 +88,7 @@ def test_a_connection_the_agent_closed_is_replaced(tmp_path: Path) -> None:
     agents = Agents()
     try:
         for i in range(3):
-            results, _ = deliver(
+            results, _ = request(
                 str(tmp_path / "local.ctrl"), f"Q{i}", "", ["a@x"], _message(tmp_path), agents
             )
             assert [r.code for r in results] == ["K"]
@@ -99,7 +99,7 @@ def test_a_connection_the_agent_closed_is_replaced(tmp_path: Path) -> None:
 
 
 def test_unreachable_agent_is_a_temporary_failure(tmp_path: Path) -> None:
-    results, _ = deliver(
+    results, _ = request(
         str(tmp_path / "absent.ctrl"), "Q", "", ["a@x", "b@x"], _message(tmp_path), Agents()
     )
     assert [r.code for r in results] == ["Z", "Z"]

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from mailgrave import service
+from mailgrave import proc as service
 from tests.conftest import wait_for
 
 

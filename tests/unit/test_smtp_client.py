@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailgrave.smtp.client import Client, SMTPError, Timeouts, wire_format
+from mailgrave.errors import Result
+from mailgrave.remote.client import Client, SMTPError, Timeouts, wire_format
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 
@@ -90,6 +91,11 @@ class Peer:
             raise self.error
 
 
+def pairs(results: list[Result]) -> list[tuple[str, str]]:
+    """(code, what it says) of each result, as the K/Z/D lines show them."""
+    return [(r.code, r.reply_text()) for r in results]
+
+
 def _readable(sock: socket.socket) -> bool:
     import select
 
@@ -140,7 +146,7 @@ def test_pipelined_envelope_and_per_recipient_results() -> None:
     ]
     assert got["body"] == b"Subject: x\r\n\r\n..dot\r\nend\r\n"
     name = f"mx.test[127.0.0.1]:{peer.port}"
-    assert results == [
+    assert pairs(results) == [
         ("K", f"{name} said: 250 2.0.0 queued as X1"),
         ("D", f"{name} said: 550 5.1.1 no such user (in reply to RCPT TO)"),
         ("Z", f"{name} said: 451 4.2.0 later (in reply to RCPT TO)"),
@@ -170,7 +176,7 @@ def test_helo_fallback_and_no_pipelining_waits_for_each_reply() -> None:
     peer = Peer(script)
     client = peer.connect()
     client.greet("me.test")
-    assert client.deliver("", ["a@b.test"], message(b"x\n"), 2, False)[0][0] == "K"
+    assert client.deliver("", ["a@b.test"], message(b"x\n"), 2, False)[0].code == "K"
     peer.finish()
 
 
@@ -195,9 +201,9 @@ def test_every_recipient_refused_resets_and_sends_no_data() -> None:
     client = peer.connect()
     client.greet("me.test")
     first = client.deliver("s@a.test", ["x@b.test", "y@b.test"], message(b"x\n"), 2, False)
-    assert [code for code, _ in first] == ["D", "D"]
+    assert [code for code, _ in pairs(first)] == ["D", "D"]
     second = client.deliver("t@a.test", ["z@b.test"], message(b"y\n"), 2, False)
-    assert second[0][0] == "K" and "250 second" in second[0][1]
+    assert pairs(second)[0][0] == "K" and "250 second" in pairs(second)[0][1]
     peer.finish()
 
 
@@ -231,7 +237,7 @@ def test_smtputf8_declared_when_offered_and_needed() -> None:
     peer = Peer(script)
     client = peer.connect()
     client.greet("me.test")
-    assert client.deliver("s@a.test", ["jürgen@b.test"], message(b"x\n"), 2, True)[0][0] == "K"
+    assert client.deliver("s@a.test", ["jürgen@b.test"], message(b"x\n"), 2, True)[0].code == "K"
     peer.finish()
 
 
@@ -390,7 +396,9 @@ def test_a_failed_data_phase_leaves_refused_recipients_their_own_answer(final: s
     peer = Peer(script)
     client = peer.connect()
     client.greet("me.test")
-    results = client.deliver("s@a.test", ["bad@b.test", "ok@b.test"], message(b"x\n"), 2, False)
+    results = pairs(
+        client.deliver("s@a.test", ["bad@b.test", "ok@b.test"], message(b"x\n"), 2, False)
+    )
     peer.finish()
     assert results[0][0] == "D" and "550 5.1.1" in results[0][1]
     if final == "drop":
@@ -413,7 +421,7 @@ def test_control_characters_in_replies_never_reach_results_or_transcript() -> No
     peer = Peer(script)
     client = peer.connect()
     client.greet("me.test")
-    [(code, text)] = client.deliver("s@a.test", ["x@b.test"], message(b"x\n"), 2, False)
+    [(code, text)] = pairs(client.deliver("s@a.test", ["x@b.test"], message(b"x\n"), 2, False))
     peer.finish()
     assert code == "D" and "550 5.1.1 ?[31mred??no user" in text
     assert all(c.isprintable() for line in client.transcript for c in line)

@@ -8,7 +8,7 @@ import pytest
 
 from mailgrave import config as configmod
 from mailgrave import log as mglog
-from mailgrave.programs import smtpd
+from mailgrave.smtpd import listener as smtpd
 
 
 def _config(tmp_path: Path) -> configmod.Config:

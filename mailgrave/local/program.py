@@ -12,9 +12,8 @@ that user's mail, and only theirs, until the connection ends.
 from __future__ import annotations
 
 import argparse
-import array
 import errno
-import logging
+import grp
 import os
 import pwd
 import select
@@ -22,21 +21,33 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import time
 
 from mailgrave import config as configmod
+from mailgrave import ctrl, maillog
 from mailgrave import log as logmod
-from mailgrave import maillog
 from mailgrave.config import Config
-from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, PermFail, TempFail, exit_for
-from mailgrave.fileio import blocks
+from mailgrave.envelope import Envelope
+from mailgrave.errors import (
+    EXIT_OK,
+    EXIT_TEMP,
+    OK,
+    PERMANENT,
+    TEMPORARY,
+    DeliveryError,
+    PermFail,
+    Result,
+    TempFail,
+    exit_for,
+)
 from mailgrave.local import mailbox
-from mailgrave.local.routing import Router, Target
+from mailgrave.recipients import Router, Target, parse_alias_items
+from mailgrave.sd import listen_fds, stdin_socket
+from mailgrave.spool import blocks, scratch_entry
 
-log = logging.getLogger(__name__)
+log = logmod.getLogger(__name__)
 
-MAX_REQUEST = 1 << 20
+MAX_REQUEST = ctrl.MAX_REQUEST
 MAX_FORWARD = 64 * 1024
 # Descriptors a delivery child must not keep once it is the recipient (the
 # local.ctrl connection: nobody but this process answers for the request).
@@ -66,8 +77,6 @@ def _become(user: str, extra_groups: tuple[int, ...] = ()) -> pwd.struct_passwd:
 
 
 def _mail_gid() -> tuple[int, ...]:
-    import grp
-
     try:
         return (grp.getgrnam("mail").gr_gid,)
     except KeyError:
@@ -75,10 +84,7 @@ def _mail_gid() -> tuple[int, ...]:
 
 
 def _forward(config: Config, fd: int, sender: str, rcpt: str, addresses: list[str]) -> str:
-    from mailgrave.envelope import Envelope
-    from mailgrave.queueclient import QueueClient
-
-    qc = QueueClient(config.socket_path("queue.ctrl"), {}, Envelope(sender, tuple(addresses)))
+    qc = ctrl.QueueClient(config.socket_path("queue.ctrl"), {}, Envelope(sender, tuple(addresses)))
     try:
         qc.write(f"Delivered-To: {rcpt}\n".encode("utf-8", "surrogateescape"))
         for data in blocks(fd):
@@ -97,8 +103,6 @@ def _read_forward(pw: pwd.struct_passwd) -> list[str] | None:
     the user or root, or group/world writable) is ignored: mail stays in the
     user's own mailbox.
     """
-    from mailgrave.local.routing import parse_alias_items
-
     path = os.path.join(pw.pw_dir, ".forward")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -137,7 +141,9 @@ def _forward_items(config: Config, target: Target) -> list[str]:
     return (_read_forward(pw) if config.local.forward else None) or []
 
 
-def expand_user(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
+def expand_user(
+    config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str
+) -> Result:
     """A system user: what their ~/.forward says (read as them), else their own mailbox.
 
     Runs in the privileged parent: the .forward is read, and each destination
@@ -145,13 +151,13 @@ def expand_user(config: Config, target: Target, fd: int, sender: str, rcpt: str,
     write into the mail spool gets, never a .forward command).
     """
     line = _as_user(config, "forward", target, -1, sender, rcpt, qid)
-    if line[:1] != "K":
-        return line
+    if line[:1] != OK:
+        return Result.from_line(line)
     items = [i for i in line[1:].split("\0") if i]
     pw = pwd.getpwnam(target.user)
     if not items:
         return _run_child(config, Target("own", pw.pw_name, pw.pw_name), fd, sender, rcpt, qid)
-    results: list[str] = []
+    results: list[Result] = []
     forwards: list[str] = []
     for item in items:
         if item.startswith("|"):
@@ -256,7 +262,7 @@ class _UserChild:
         """Send a request; the result line, or None when the child has died."""
         data = "\0".join(fields).encode("utf-8", "surrogateescape")
         try:
-            socket.send_fds(self.sock, [data], [fd] if fd >= 0 else [])
+            ctrl.send_fds(self.sock, data, [fd] if fd >= 0 else [])
             reply = self.sock.recv(MAX_FORWARD * 2 + 16)
         except OSError:
             return None
@@ -278,8 +284,12 @@ class _UserChild:
 def _child_loop(config: Config, sock: socket.socket) -> None:
     """In a user child: answer requests until the parent closes the socketpair."""
     while True:
-        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, 1)
+        data, fds = ctrl.recv_fds(sock, MAX_REQUEST, 1)
+        for extra in fds[1:]:
+            os.close(extra)
         if not data:
+            for extra in fds[:1]:
+                os.close(extra)
             return
         fd = fds[0] if fds else -1
         fields = data.decode("utf-8", "surrogateescape").split("\0")
@@ -288,15 +298,16 @@ def _child_loop(config: Config, sock: socket.socket) -> None:
             op, kind, value, user, extension, sender, rcpt, qid = fields
             target = Target(kind, value, user, extension)
             if op == "forward":
-                text, limit = "K" + "\0".join(_forward_items(config, target)), MAX_FORWARD * 2
+                text, limit = OK + "\0".join(_forward_items(config, target)), MAX_FORWARD * 2
             else:
                 line = deliver_target(config, target, fd, sender, rcpt, qid)
-                text, limit = "K" + " ".join(line.split()), 2000
+                text, limit = Result.of(OK, line).line(), 2000
         except DeliveryError as exc:
-            text, limit = exc.code + " ".join(exc.text.split()), 2000
+            text, limit = exc.result().line(), 2000
         except Exception:
             log.exception("%s: delivery to %s failed unexpectedly", qid, rcpt)
-            text, limit = "Z4.3.0 internal error in local delivery", 2000
+            text = Result(TEMPORARY, "4.3.0", "internal error in local delivery").line()
+            limit = 2000
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -325,7 +336,7 @@ def _as_user(
     line = child.ask(fields, fd)
     if line is None:
         child.close()
-        return "Z4.3.0 delivery process died"
+        return Result(TEMPORARY, "4.3.0", "delivery process died").line()
     _children[key] = child
     return line
 
@@ -335,66 +346,41 @@ def close_user_children() -> None:
         _children.popitem()[1].close()
 
 
-def _run_child(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> str:
-    """Deliver to one destination as its user; the one-line K/Z/D result."""
+def _run_child(config: Config, target: Target, fd: int, sender: str, rcpt: str, qid: str) -> Result:
+    """Deliver to one destination as its user."""
     if target.kind == "user":
         return expand_user(config, target, fd, sender, rcpt, qid)
-    return _as_user(config, "deliver", target, fd, sender, rcpt, qid)
+    return Result.from_line(_as_user(config, "deliver", target, fd, sender, rcpt, qid))
 
 
-def _combine(results: list[str]) -> str:
-    for code in ("Z", "D"):  # any temporary failure means: try the whole recipient again
-        failed = [r for r in results if r.startswith(code)]
-        if failed:
-            return failed[0]
-    return "K" + "; ".join(r[1:] for r in results)
+def _combine(results: list[Result]) -> Result:
+    """One result for a recipient with several destinations: any temporary failure
+    means the whole recipient is tried again, then any permanent one bounces."""
+    for code in (TEMPORARY, PERMANENT):
+        for r in results:
+            if r.code == code:
+                return r
+    return Result(OK, "2.0.0", "; ".join(r.reply_text() for r in results))
 
 
-def deliver(config: Config, router: Router, fd: int, sender: str, rcpt: str, qid: str) -> str:
-    """Deliver one recipient: resolve, check for a loop, then each target. K/Z/D line."""
+def deliver(config: Config, router: Router, fd: int, sender: str, rcpt: str, qid: str) -> Result:
+    """Deliver one recipient: resolve, check for a loop, then each target."""
     try:
         if mailbox.has_delivered_to(fd, rcpt):
             raise PermFail("5.4.6 mail loop: message already delivered to this address")
         targets = router.resolve(rcpt)
     except DeliveryError as exc:
-        maillog.attempt(qid, rcpt, "local", exc.code + exc.text)
-        return exc.code + exc.text
+        result = exc.result()
+        maillog.attempt(qid, rcpt, "local", result)
+        return result
     except OSError:
-        return "Z4.3.0 cannot read the message"
-    line = _combine([_run_child(config, t, fd, sender, rcpt, qid) for t in targets])
-    maillog.attempt(qid, rcpt, "local", line)
-    return line
+        return Result(TEMPORARY, "4.3.0", "cannot read the message")
+    result = _combine([_run_child(config, t, fd, sender, rcpt, qid) for t in targets])
+    maillog.attempt(qid, rcpt, "local", result)
+    return result
 
 
 # --- local.ctrl -----------------------------------------------------------------
-
-
-def _recv_request(sock: socket.socket) -> tuple[bytes, int] | None:
-    """One request (text0 fields) and its file descriptor; None at end of connection."""
-    fds = array.array("i")
-    data = bytearray()
-    fd = -1
-    while not data.endswith(b"\0\0") or len(data) < 2:
-        msg, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(4 * fds.itemsize))
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - (len(payload) % got.itemsize)])
-                for extra in got[1:]:
-                    os.close(extra)
-                if fd < 0 and got:
-                    fd = got[0]
-                else:
-                    for extra in got[:1]:
-                        os.close(extra)
-        if not msg:
-            if fd >= 0:
-                os.close(fd)
-            return None
-        data += msg
-        if len(data) > MAX_REQUEST:
-            raise ValueError("request too large")
-    return bytes(data), fd
 
 
 def serve_connection(config: Config, sock: socket.socket) -> None:
@@ -407,28 +393,20 @@ def serve_connection(config: Config, sock: socket.socket) -> None:
 def _serve_requests(config: Config, sock: socket.socket) -> None:
     router = Router(config)
     _private_fds.add(sock.fileno())
-    out = sock.makefile("wb")
     while True:
-        req = _recv_request(sock)
+        req = ctrl.recv_request(sock)
         if req is None:
             return
-        data, fd = req
-        fields = data[:-1].split(b"\0")[:-1]
-        texts = [f.decode("utf-8", "surrogateescape") for f in fields]
-        qid = next((t[1:] for t in texts if t.startswith("Q")), "-")
-        sender = next((t[1:] for t in texts if t.startswith("F")), "")
-        rcpts = [t[1:] for t in texts if t.startswith("T")]
         try:
-            for rcpt in rcpts:
-                if fd < 0:
-                    line = "Z4.3.0 no message file in the request"
+            for rcpt in req.recipients:
+                if req.fd < 0:
+                    result = Result(TEMPORARY, "4.3.0", "no message file in the request")
                 else:
-                    line = deliver(config, router, fd, sender, rcpt, qid)
-                out.write(line.encode("utf-8", "surrogateescape") + b"\n")
-                out.flush()
+                    result = deliver(config, router, req.fd, req.sender, rcpt, req.qid)
+                sock.sendall(ctrl.results_text([result]))
         finally:
-            if fd >= 0:
-                os.close(fd)
+            if req.fd >= 0:
+                os.close(req.fd)
 
 
 def serve(config: Config, listeners: list[socket.socket], idle_exit: float) -> int:
@@ -476,26 +454,18 @@ def serve(config: Config, listeners: list[socket.socket], idle_exit: float) -> i
 
 
 def by_hand(config: Config, sender: str, qid: str, rcpts: list[str]) -> int:
-    """Message on standard input (copied to a temp file if it is a pipe)."""
-    fd = 0
-    try:
-        os.lseek(0, 0, os.SEEK_CUR)
-    except OSError:
-        tmp = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the process exits
-        while data := sys.stdin.buffer.read(1 << 16):
-            tmp.write(data)
-        tmp.flush()
-        fd = tmp.fileno()
+    """The message on standard input, copied into a spool file of its own."""
+    fd = scratch_entry(sys.stdin.buffer, Envelope(sender, tuple(rcpts)).encode())
     router = Router(config)
-    codes = []
+    results = []
     try:
         for rcpt in rcpts:
-            line = deliver(config, router, fd, sender, rcpt, qid)
-            print(line, flush=True)
-            codes.append(line[:1])
+            result = deliver(config, router, fd, sender, rcpt, qid)
+            print(result.describe(), flush=True)
+            results.append(result)
     finally:
         close_user_children()
-    return exit_for(codes)
+    return exit_for(results)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,8 +485,6 @@ def main(argv: list[str] | None = None) -> int:
     config = configmod.load_or_exit(args.config, "mailgrave-local")
     if args.recipients:
         return by_hand(config, args.sender, args.qid, args.recipients)
-    from mailgrave.sd import listen_fds, stdin_socket
-
     listeners = listen_fds()
     if listeners:
         return serve(config, listeners, config.queue.idle_exit)

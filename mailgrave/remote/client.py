@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import ssl
+from mailgrave.errors import PERMANENT, TEMPORARY, Result
+from mailgrave.record import Record, record
+from mailgrave.smtp.replies import Reply
 
 MAX_REPLY_LINES = 100
 MAX_LINE = 2048
@@ -18,8 +18,8 @@ MAX_LINE = 2048
 _PRINTABLE = {c: "?" for c in [*range(32), 127]} | {9: " "}
 
 
-@dataclass
-class Timeouts:
+@record
+class Timeouts(Record):
     """RFC 5321 §4.5.3.2, in seconds."""
 
     connect: float = 30.0
@@ -30,49 +30,51 @@ class Timeouts:
     data_end: float = 600.0
 
 
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    lines: tuple[str, ...]
-
-    @property
-    def text(self) -> str:
-        return f"{self.code} " + " ".join(self.lines)
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 400
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-
 class SMTPError(Exception):
-    """A failed exchange: ``reply`` (None for a network failure), ``stage``, ``permanent``."""
+    """A failed exchange: ``reply`` (None for a network failure) from ``host``,
+    ``stage``, ``permanent``; ``status`` the enhanced code when there is no reply."""
 
-    def __init__(self, text: str, stage: str, permanent: bool, reply: Reply | None = None) -> None:
+    def __init__(
+        self,
+        text: str,
+        stage: str,
+        permanent: bool,
+        reply: Reply | None = None,
+        *,
+        host: str = "",
+        status: str = "",
+    ) -> None:
         super().__init__(text)
         self.text = text
         self.stage = stage
         self.permanent = permanent
         self.reply = reply
+        self.host = host
+        self.status = status or ("5.5.0" if permanent else "4.4.2")
         self.transcript: list[str] = []  # of a session that failed before it was handed out
 
+    def result(self) -> Result:
+        """The result for every recipient this failure applies to."""
+        code = PERMANENT if self.permanent else TEMPORARY
+        if self.reply is not None:
+            status = self.reply.enhanced or ("5.0.0" if self.permanent else "4.0.0")
+            return Result(code, status, f"{self.reply} (in reply to {self.stage})", self.host)
+        return Result(code, self.status, self.text)
 
-@dataclass
+
 class Client:
     """One SMTP connection to ``name`` (``host[addr]:port`` for messages and logs)."""
 
-    sock: socket.socket
-    name: str
-    timeouts: Timeouts
-    transcript: list[str] = field(default_factory=list)
-    extensions: dict[str, str] = field(default_factory=dict)
-    tls: bool = False
-    authenticated: bool = False
-    broken: bool = False  # timed out or failed: QUIT would only wait in vain
-    _buf: bytes = b""
+    def __init__(self, sock: socket.socket | ssl.SSLSocket, name: str, timeouts: Timeouts) -> None:
+        self.sock = sock
+        self.name = name
+        self.timeouts = timeouts
+        self.transcript: list[str] = []
+        self.extensions: dict[str, str] = {}
+        self.tls = False
+        self.authenticated = False
+        self.broken = False  # timed out or failed: QUIT would only wait in vain
+        self._buf = b""
 
     # --- low level ---------------------------------------------------------------
 
@@ -104,8 +106,8 @@ class Client:
                     self.broken = True
                     raise SMTPError(f"reply to {stage} too long", stage, False)
                 if text[3:4] != "-":
-                    reply = Reply(int(text[:3]), tuple(lines))
-                    self.transcript.append(f"<<< {reply.text}"[:500])
+                    reply = Reply.parse(int(text[:3]), lines)
+                    self.transcript.append(f"<<< {reply}"[:500])
                     return reply
         except TimeoutError:
             self.broken = True
@@ -132,7 +134,11 @@ class Client:
 
     def _fail(self, reply: Reply, stage: str) -> SMTPError:
         return SMTPError(
-            f"{self.name} said: {reply.text} (in reply to {stage})", stage, reply.permanent, reply
+            f"{self.name} said: {reply} (in reply to {stage})",
+            stage,
+            reply.permanent,
+            reply,
+            host=self.name,
         )
 
     # --- session -------------------------------------------------------------------
@@ -147,7 +153,7 @@ class Client:
         reply = self.command(f"EHLO {helo}", "EHLO")
         if reply.code == 250:
             self.extensions = {}
-            for line in reply.lines[1:]:
+            for line in reply.lines:
                 key, _, value = line.partition(" ")
                 self.extensions[key.upper()] = value
             return
@@ -201,14 +207,15 @@ class Client:
         message: Iterator[bytes],
         size: int,
         needs_smtputf8: bool,
-    ) -> list[tuple[str, str]]:
-        """One transaction. Returns (K|Z|D, text) per recipient; raises SMTPError when the
-        whole transaction failed (then it applies to every recipient)."""
+    ) -> list[Result]:
+        """One transaction. Returns the result for each recipient; raises SMTPError
+        when the whole transaction failed (then it applies to every recipient)."""
         if needs_smtputf8 and "SMTPUTF8" not in self.extensions:
             raise SMTPError(
                 f"{self.name} does not support SMTPUTF8, which this message needs",
                 "MAIL FROM",
                 True,
+                status="5.6.7",
             )
         limit = self.extensions.get("SIZE", "")
         if limit.isdigit() and 0 < int(limit) < size:
@@ -216,6 +223,7 @@ class Client:
                 f"{self.name} accepts at most {limit} bytes, the message has {size}",
                 "MAIL FROM",
                 True,
+                status="5.3.4",
             )
         params = ""
         if "SIZE" in self.extensions:
@@ -239,13 +247,12 @@ class Client:
         if not mail.ok:
             self.reset()
             raise self._fail(mail, "MAIL FROM")
-        results: list[tuple[str, str] | None] = []
+        results: list[Result | None] = []
         for rcpt_reply in replies[1:]:
             if rcpt_reply.ok:
                 results.append(None)
             else:
-                err = self._fail(rcpt_reply, "RCPT TO")
-                results.append(("D" if rcpt_reply.permanent else "Z", err.text))
+                results.append(self._fail(rcpt_reply, "RCPT TO").result())
         if all(r is not None for r in results):
             self.reset()
             return [r for r in results if r is not None]
@@ -255,12 +262,10 @@ class Client:
             if all(r is None for r in results):
                 raise
             # recipients refused at RCPT keep their own answer
-            failed = ("D" if exc.permanent else "Z", exc.text)
+            failed = exc.result()
             return [r if r is not None else failed for r in results]
 
-    def _data(
-        self, message: Iterator[bytes], results: list[tuple[str, str] | None]
-    ) -> list[tuple[str, str]]:
+    def _data(self, message: Iterator[bytes], results: list[Result | None]) -> list[Result]:
         self.send("DATA")
         reply = self.read_reply(self.timeouts.data_init, "DATA")
         if reply.code != 354:
@@ -282,8 +287,8 @@ class Client:
         final = self.read_reply(self.timeouts.data_end, "end of data")
         if not final.ok:
             raise self._fail(final, "end of DATA")
-        text = f"{self.name} said: {final.text}"
-        return [r if r is not None else ("K", text) for r in results]
+        done = Result("K", final.enhanced or "2.0.0", str(final), self.name)
+        return [r if r is not None else done for r in results]
 
     def reset(self) -> None:
         try:

@@ -11,32 +11,29 @@ same destination.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import socket
+import ssl
 import sys
-import tempfile
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from mailgrave import config as configmod
+from mailgrave import ctrl, maillog
 from mailgrave import log as logmod
-from mailgrave import maillog
 from mailgrave.config import Config
-from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, exit_for
-from mailgrave.fileio import blocks, message_size
-from mailgrave.route import Hop, hops, smarthost_password
-from mailgrave.smtp.client import Client, SMTPError, Timeouts, wire_format
+from mailgrave.envelope import Envelope
+from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, Result, exit_for
+from mailgrave.proc import serve_threads
+from mailgrave.remote.client import Client, SMTPError, Timeouts, wire_format
+from mailgrave.remote.route import Hop, hops, smarthost_password, split_spec
+from mailgrave.sd import listen_fds, stdin_socket
+from mailgrave.spool import blocks, message_size, scratch_entry
 
-if TYPE_CHECKING:
-    import ssl
-
-log = logging.getLogger(__name__)
+log = logmod.getLogger(__name__)
 
 CACHE_IDLE = 10.0
 CACHE_MAX = 20
-Result = tuple[str, str]
 
 
 class Sessions:
@@ -82,8 +79,6 @@ class Delivery:
         # --host/--relay: that host itself, no MX lookup, whatever the routes say.
         self.route: str | None = None
         if override:
-            from mailgrave.route import split_spec
-
             host, port, _ = split_spec(override, config.remote.port)
             self.route = f"{host if host.startswith('[') else f'[{host}]'}:{port}"
         self.login = login if login is not None else config.remote.smarthost.login
@@ -100,8 +95,6 @@ class Delivery:
         self._contexts: dict[bool, ssl.SSLContext] = {}
 
     def _context(self, verify: bool) -> ssl.SSLContext:
-        import ssl
-
         if verify not in self._contexts:
             if verify:
                 ctx = ssl.create_default_context(cafile=self.config.remote.ca_file or None)
@@ -131,7 +124,7 @@ class Delivery:
         except OSError as exc:
             sock.close()
             raise SMTPError(
-                f"connect to {name} failed: {exc.strerror or exc}", "connect", False
+                f"connect to {name} failed: {exc.strerror or exc}", "connect", False, status="4.4.1"
             ) from None
         client = Client(sock, name, self.timeouts)
         try:
@@ -143,7 +136,10 @@ class Delivery:
             offered = "STARTTLS" in client.extensions
             if policy in ("required", "verify") and not offered:
                 raise SMTPError(
-                    f"{name} does not offer STARTTLS (remote.tls: {policy})", "STARTTLS", False
+                    f"{name} does not offer STARTTLS (remote.tls: {policy})",
+                    "STARTTLS",
+                    False,
+                    status="4.7.4",
                 )
             if offered and policy != "none" and not plain:
                 verify = policy == "verify"
@@ -172,11 +168,11 @@ class Delivery:
         try:
             destinations = self._hops(domain)
         except DeliveryError as exc:
-            return [(exc.code, exc.text)] * len(rcpts), []
+            return [exc.result()] * len(rcpts), []
         size = message_size(fd)
         needs_utf8 = any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts])
         transcript: list[str] = []
-        last = "4.4.1 no host could be reached"
+        last = Result("Z", "4.4.1", "no host could be reached")
         for hop in destinations:
             for address in hop.addresses:
                 key = (address, hop.port)
@@ -200,9 +196,9 @@ class Delivery:
                             continue  # a cached session had gone stale: open a new one
                         setup = exc.stage in ("the greeting", "HELO")
                         if exc.permanent or (exc.reply is not None and not setup):
-                            code = "D" if exc.permanent else "Z"
-                            return [(code, exc.text)] * len(rcpts), transcript
-                        last = exc.text  # no answer, or "try later" at once: the next host
+                            return [exc.result()] * len(rcpts), transcript
+                        # no answer, or "try later" at once: the next host
+                        last = exc.result()
                         break
                     transcript += client.transcript[start:]
                     client.transcript.clear()
@@ -211,47 +207,35 @@ class Delivery:
                     else:
                         self.sessions.give(key, client)
                     return results, transcript
-        return [("Z", last)] * len(rcpts), transcript
+        return [last.replace(code="Z")] * len(rcpts), transcript
 
 
 # --- remote.ctrl --------------------------------------------------------------------
 
 
 def serve_connection(delivery: Delivery, sock: socket.socket) -> None:
-    from mailgrave.programs.local import _recv_request
-
-    out = sock.makefile("wb")
     while True:
-        req = _recv_request(sock)
+        req = ctrl.recv_request(sock)
         if req is None:
             return
-        data, fd = req
-        texts = [f.decode("utf-8", "surrogateescape") for f in data[:-1].split(b"\0")[:-1]]
-        qid = next((t[1:] for t in texts if t.startswith("Q")), "-")
-        sender = next((t[1:] for t in texts if t.startswith("F")), "")
-        rcpts = [t[1:] for t in texts if t.startswith("T")]
+        rcpts = list(req.recipients)
         try:
-            if fd < 0:
-                results: list[Result] = [("Z", "4.3.0 no message file in the request")] * len(rcpts)
+            if req.fd < 0:
+                results = [Result("Z", "4.3.0", "no message file in the request")] * len(rcpts)
                 transcript: list[str] = []
             else:
-                results, transcript = delivery.deliver(sender, rcpts, fd)
+                results, transcript = delivery.deliver(req.sender, rcpts, req.fd)
         finally:
-            if fd >= 0:
-                os.close(fd)
-        if any(code != "K" for code, _ in results) and transcript:
-            log.info("%s: transcript: %s", qid, " | ".join(transcript)[:2000])
-        for rcpt, (code, text) in zip(rcpts, results, strict=True):
-            maillog.attempt(qid, rcpt, "remote", code + text)
-        lines = [f"|{t}" for t in transcript[-50:]]
-        lines += [f"{code}{' '.join(text.split())}" for code, text in results]
-        out.write("".join(line + "\n" for line in lines).encode("utf-8", "replace"))
-        out.flush()
+            if req.fd >= 0:
+                os.close(req.fd)
+        if any(not r.ok for r in results) and transcript:
+            log.info("%s: transcript: %s", req.qid, " | ".join(transcript)[:2000])
+        for rcpt, result in zip(rcpts, results, strict=True):
+            maillog.attempt(req.qid, rcpt, "remote", result)
+        sock.sendall(ctrl.results_text(results, transcript))
 
 
 def serve(delivery: Delivery, listeners: list[socket.socket], idle_exit: float) -> int:
-    from mailgrave.service import serve_threads
-
     try:
         serve_threads(
             listeners,
@@ -265,23 +249,20 @@ def serve(delivery: Delivery, listeners: list[socket.socket], idle_exit: float) 
 
 
 def by_hand(delivery: Delivery, sender: str, rcpts: list[str]) -> int:
-    tmp = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the process exits
-    while data := sys.stdin.buffer.read(1 << 16):
-        tmp.write(data.replace(b"\r\n", b"\n"))
-    tmp.flush()
+    fd = scratch_entry(sys.stdin.buffer, Envelope(sender, tuple(rcpts)).encode())
     by_domain: dict[str, list[str]] = {}
     for r in rcpts:
         by_domain.setdefault(r.rpartition("@")[2].lower(), []).append(r)
-    codes = []
+    every = []
     for group in by_domain.values():
-        results, transcript = delivery.deliver(sender, group, tmp.fileno())
+        results, transcript = delivery.deliver(sender, group, fd)
         for line in transcript:
             print(f"|{line}")
-        for rcpt, (code, text) in zip(group, results, strict=True):
-            print(f"{code}{text}  <{rcpt}>", flush=True)
-            codes.append(code)
+        for rcpt, result in zip(group, results, strict=True):
+            print(f"{result.describe()}  <{rcpt}>", flush=True)
+        every += results
     delivery.sessions.expire(everything=True)
-    return exit_for(codes)
+    return exit_for(every)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
     delivery = Delivery(config, override, args.login)
     if args.recipients:
         return by_hand(delivery, args.sender, args.recipients)
-    from mailgrave.sd import listen_fds, stdin_socket
-
     listeners = listen_fds()
     if listeners:
         return serve(delivery, listeners, config.queue.idle_exit)

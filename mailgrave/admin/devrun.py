@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from mailgrave.admin import cli
+
 DEV_CONFIG = """\
 # Development configuration written by `make run`; edit freely.
 hostname: mx.example.org
@@ -107,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"          over SMTP:       swaks --server 127.0.0.1:{args.port} --to alice@example.org")
     print(f"          mail lands in:   {run}/mail/alice/Maildir/new/")
     sys.stdout.flush()
-    from mailgrave.programs import cli
-
     return cli.main(["--config", str(config), "run", "--listen", f"127.0.0.1:{args.port}"])
 
 

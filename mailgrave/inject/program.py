@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from mailgrave import config as configmod
+from mailgrave import ctrl
 from mailgrave.address import AddressError, parse_or_local
 from mailgrave.envelope import Envelope
 from mailgrave.errors import PermFail, TempFail
+from mailgrave.headers import message_id, rfc5322_date
+from mailgrave.record import Record, factory, record
 
 EX_OK = 0
 EX_USAGE = 64
@@ -55,9 +57,9 @@ class UsageError(Exception):
     pass
 
 
-@dataclass
-class Options:
-    recipients: list[str] = field(default_factory=list)
+@record(frozen=False)
+class Options(Record):
+    recipients: list[str] = factory(list)
     from_headers: bool = False
     sender: str | None = None
     full_name: str | None = None
@@ -145,8 +147,8 @@ def parse_args(argv: list[str]) -> Options:
 # --- message header ---------------------------------------------------------
 
 
-@dataclass
-class Header:
+@record
+class Header(Record):
     """The message's header block, field by field (raw, folded lines kept)."""
 
     fields: list[tuple[str, bytes]]
@@ -215,18 +217,9 @@ def _login_name() -> tuple[str, str]:
     return pw.pw_name, pw.pw_gecos.split(",", 1)[0]
 
 
-def _message_id(hostname: str) -> str:
-    import secrets
-    import time
-
-    return f"<{int(time.time())}.{secrets.token_hex(8)}@{hostname}>"
-
-
 def _added_fields(
     header: Header, config: configmod.Config, sender: str, full_name: str | None
 ) -> bytes:
-    from mailgrave.programs.queue import rfc5322_date
-
     present = {name for name, _ in header.fields}
     lines = []
     if "from" not in present:
@@ -240,7 +233,7 @@ def _added_fields(
     if "date" not in present:
         lines.append(f"Date: {rfc5322_date()}")
     if "message-id" not in present:
-        lines.append(f"Message-ID: {_message_id(config.hostname)}")
+        lines.append(f"Message-ID: {message_id(config.hostname)}")
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
@@ -260,8 +253,6 @@ def _body(stream: BinaryIO, dot_ends: bool) -> Iterator[bytes]:
 
 def submit(opts: Options, config: configmod.Config, stream: BinaryIO) -> str:
     """Build the envelope and stream the message to the queue; return the queue id."""
-    from mailgrave.queueclient import QueueClient
-
     origin = config.origin or config.hostname
     login, _gecos = _login_name()
     if opts.sender is None:
@@ -294,7 +285,7 @@ def submit(opts: Options, config: configmod.Config, stream: BinaryIO) -> str:
     if not recipients:
         raise PermFail("no recipients given (name them, or use -t with To:/Cc:/Bcc:)")
     kept = b"".join(raw for name, raw in header.fields if name not in ("bcc", "resent-bcc"))
-    qc = QueueClient(config.socket_path("queue.ctrl"), {}, Envelope(sender, tuple(recipients)))
+    qc = ctrl.QueueClient(config.socket_path("queue.ctrl"), {}, Envelope(sender, tuple(recipients)))
     try:
         qc.write(_added_fields(header, config, sender, opts.full_name) + kept)
         if header.rest or not header.ended:
@@ -321,10 +312,15 @@ def main(argv: list[str] | None = None, prog: str = "mailgrave-inject") -> int:
         sys.stderr.write(USAGE)
         return EX_USAGE
     if opts.mode in ("list", "retry"):
-        from mailgrave.programs import cli
-
+        # As Postfix's sendmail runs postqueue: the queue belongs to the admin command.
         sub = ["queue"] if opts.mode == "list" else ["queue", "retry", "--all"]
-        return cli.main([*(["--config", opts.config] if opts.config else []), *sub])
+        cfg = ["--config", opts.config] if opts.config else []
+        argv0 = [sys.executable, "-m", "mailgrave.admin"]
+        try:
+            os.execv(sys.executable, [*argv0, *cfg, *sub])
+        except OSError as exc:
+            print(f"{prog}: cannot run mailgrave: {exc.strerror}", file=sys.stderr)
+            return EX_UNAVAILABLE
     if opts.mode == "noop":
         return EX_OK  # newaliases: /etc/aliases is read directly, nothing to rebuild
     config = configmod.load_or_exit(opts.config, prog, EX_CONFIG)

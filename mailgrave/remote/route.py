@@ -12,15 +12,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-from dataclasses import dataclass
 from typing import Any
 
 from mailgrave.config import Config
 from mailgrave.errors import PermFail, TempFail
+from mailgrave.record import Record, record
 
 
-@dataclass(frozen=True)
-class Hop:
+@record
+class Hop(Record):
     """One host to try: its name (for TLS and messages), its addresses, the port."""
 
     host: str

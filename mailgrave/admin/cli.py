@@ -8,7 +8,10 @@ import sys
 import time
 
 from mailgrave import config as configmod
+from mailgrave import log as logmod
+from mailgrave.admin.supervisor import Supervisor
 from mailgrave.errors import EXIT_OK
+from mailgrave.spool import RecipientState, Spool, header_lines, is_qid
 
 EXIT_USAGE = 64
 
@@ -46,9 +49,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mailgrave import log as logmod
-    from mailgrave.supervisor import Supervisor
-
     logmod.setup("run", args.debug)
     config = configmod.load(args.config)
     sup = Supervisor(config, args.listen or [], args.retry_interval)
@@ -73,69 +73,35 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _entries(config: configmod.Config) -> list[tuple[str, object]]:
-    from mailgrave.envelope import EnvelopeError, decode
-    from mailgrave.spool import Recipient, Spool, State, qid_time
-
-    spool = Spool(config.spool)
-    out: list[tuple[str, object]] = []
-    for qid in spool.deferred():
-        state = spool.read_state(qid)
-        if state is not None:
-            out.append((qid, state))
-    known = {qid for qid, _ in out}
-    for qid in spool.todo():
-        if qid in known:
-            continue
-        try:
-            entry = spool.read_new(qid)
-            if entry is None:
-                continue
-            env = decode(entry[0], validate=False)
-        except (OSError, EnvelopeError):
-            continue
-        state = State(
-            qid, env.sender, [Recipient(a) for a in env.recipients], qid_time(qid), entry[1]
-        )
-        out.append((qid, state))
-    return sorted(out, key=lambda item: item[0])
-
-
 def cmd_queue_list(config: configmod.Config) -> int:
-    from mailgrave.spool import State
-
-    entries = _entries(config)
+    entries = Spool(config.spool).entries()
     if not entries:
         print("Mail queue is empty")
         return EXIT_OK
     now = time.time()
     print(f"{'Queue ID':<16} {'Age':>5} {'Size':>9}  Sender / Recipients")
-    for qid, obj in entries:
-        assert isinstance(obj, State)
+    for obj in entries:
+        qid = obj.qid
         flag = " (held)" if obj.held else ""
         print(f"{qid:<16} {_age(now - obj.created):>5} {obj.size:>9}  <{obj.sender}>{flag}")
         for r in obj.recipients:
             line = f"{'':34}<{r.addr}> {r.state}"
-            if r.state == "pending" and r.attempts:
+            if r.state is RecipientState.PENDING and r.attempts:
                 line += f", {r.attempts} attempt(s), next in {_age(r.next_attempt - now)}"
-            elif r.state == "pending":
+            elif r.state is RecipientState.PENDING:
                 line += ", new"
             print(line)
-            if r.last_reply and r.state != "delivered":
+            if r.last_reply and r.state is not RecipientState.DELIVERED:
                 print(f"{'':36}{r.last_reply[:200]}")
     print(f"-- {len(entries)} message(s)")
     return EXIT_OK
 
 
 def cmd_queue_show(config: configmod.Config, qid: str) -> int:
-    from mailgrave.spool import State
-
-    for found, obj in _entries(config):
-        if found != qid:
+    spool = Spool(config.spool)
+    for obj in spool.entries():
+        if obj.qid != qid:
             continue
-        assert isinstance(obj, State)
-        from mailgrave.spool import Spool
-
         print(f"Queue ID: {qid}")
         print(f"Sender: <{obj.sender}>")
         print(f"Created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(obj.created))}")
@@ -149,9 +115,7 @@ def cmd_queue_show(config: configmod.Config, qid: str) -> int:
             for line in obj.transcript:
                 print(f"  {line}")
         print("Headers:")
-        from mailgrave.fileio import header_lines
-
-        with open(Spool(config.spool).message_path(qid), "rb") as f:
+        with open(spool.message_path(qid), "rb") as f:
             for raw in header_lines(f.fileno()):
                 print("  " + raw.decode("utf-8", "replace").rstrip("\r\n"))
         return EXIT_OK
@@ -161,28 +125,25 @@ def cmd_queue_show(config: configmod.Config, qid: str) -> int:
 
 def cmd_queue_action(config: configmod.Config, action: str, qids: list[str], all_: bool) -> int:
     """delete / hold / release / retry: applied now, or handed to the running mailgrave-send."""
-    from mailgrave.programs.send import apply_control, with_send_lock
-    from mailgrave.spool import Spool, is_qid
-
     spool = Spool(config.spool)
     if all_:
-        qids = [qid for qid, _ in _entries(config)]
+        qids = [entry.qid for entry in spool.entries()]
     bad = [q for q in qids if not is_qid(q)]
     if bad:
         print(f"mailgrave: not a queue id: {bad[0]}", file=sys.stderr)
         return EXIT_USAGE
 
     def now() -> int:
-        missing = [q for q in qids if not apply_control(spool, q, action)]
+        missing = [q for q in qids if not spool.apply(q, action)]
         for q in missing:
             print(f"mailgrave: no message {q} in the queue", file=sys.stderr)
         return 1 if missing else EXIT_OK
 
-    result = with_send_lock(spool, blocking=False, body=now)
+    result = spool.with_send_lock(blocking=False, body=now)
     if result is None:
         # mailgrave-send is running: leave the request for it (it applies them each round).
         for q in qids:
-            open(spool.path("ctl", f"{q}.{action}"), "w").close()
+            spool.request(q, action)
         print(f"mailgrave: {action} requested; mailgrave-send is running and will apply it")
         return EXIT_OK
     if action in ("retry", "release") and result == EXIT_OK:
@@ -192,11 +153,8 @@ def cmd_queue_action(config: configmod.Config, action: str, qids: list[str], all
 
 def _wake_send(config: configmod.Config) -> None:
     """Start a delivery run now (the spool's ctl/ entry wakes mailgrave-send.path)."""
-    from mailgrave.spool import Spool
-
-    spool = Spool(config.spool)
     try:
-        open(spool.path("ctl", "wake"), "w").close()
+        Spool(config.spool).wake()
     except OSError:
         pass
 

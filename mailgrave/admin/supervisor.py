@@ -10,20 +10,20 @@ SIGINT or SIGTERM.
 
 from __future__ import annotations
 
-import logging
 import os
 import selectors
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 
+from mailgrave import log as logmod
 from mailgrave.config import Config
-from mailgrave.service import bind_unix
+from mailgrave.proc import bind_unix
+from mailgrave.record import Record, factory, record
 from mailgrave.spool import Spool
 
-log = logging.getLogger(__name__)
+log = logmod.getLogger(__name__)
 
 SEND_POLL = 0.1
 START_BURST = 10
@@ -31,16 +31,16 @@ START_INTERVAL = 10.0
 TODO_RECHECK = 2.0
 
 
-@dataclass
-class Service:
+@record(frozen=False)
+class Service(Record):
     """A socket-activated stage: its listener(s) and its running process, if any."""
 
     name: str
     module: str
     listeners: list[socket.socket]
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = factory(list)
     pid: int = 0
-    recent: list[float] = field(default_factory=list)
+    recent: list[float] = factory(list)
     limited: bool = False
 
 
@@ -70,13 +70,13 @@ class Supervisor:
         self.spool.create()
         run = config.socket_path
         self.services = [
-            Service(name, f"mailgrave.programs.{name}", [bind_unix(run(f"{name}.ctrl"), mode)], cfg)
+            Service(name, f"mailgrave.{name}", [bind_unix(run(f"{name}.ctrl"), mode)], cfg)
             for name, mode in (("queue", 0o666), ("local", 0o600), ("remote", 0o600))
-            if _installed(f"mailgrave.programs.{name}")
+            if _installed(f"mailgrave.{name}")
         ]
         if listen:
             self.services.append(
-                Service("smtpd", "mailgrave.programs.smtpd", [bind_tcp(s) for s in listen], cfg)
+                Service("smtpd", "mailgrave.smtpd", [bind_tcp(s) for s in listen], cfg)
             )
 
     def spawn(self, module: str, args: list[str], listeners: list[socket.socket]) -> int:
@@ -181,9 +181,7 @@ class Supervisor:
                             sel.register(sock, selectors.EVENT_READ, svc)
                 if self.send_due():
                     self.last_send = time.monotonic()
-                    self.send_pid = self.spawn(
-                        "mailgrave.programs.send", ["--config", self.config.path], []
-                    )
+                    self.send_pid = self.spawn("mailgrave.send", ["--config", self.config.path], [])
         finally:
             self.shutdown()
         return 0

@@ -4,29 +4,21 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from mailgrave.record import Record, record
+from mailgrave.spool import blocks, header_lines, message_size
 
 # Return the whole original message up to this size, else only its header.
 MAX_RETURNED = 256 * 1024
 
 
-@dataclass(frozen=True)
-class Failure:
+@record
+class Failure(Record):
     """One recipient in a notification: address, the reply that decided it, final or delayed."""
 
     recipient: str
     reply: str
     status: str  # enhanced status code, e.g. 5.1.1 or 4.4.7
-
-
-def status_of(reply: str, permanent: bool) -> str:
-    """The enhanced status code found in ``reply``, else a generic one."""
-    import re
-
-    m = re.search(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b", reply)
-    if m and (m.group(1) == "5") == permanent:
-        return m.group(0)
-    return "5.0.0" if permanent else "4.0.0"
 
 
 def _header_value(text: str) -> str:
@@ -35,8 +27,6 @@ def _header_value(text: str) -> str:
 
 
 def _original_parts(message_path: str) -> tuple[str, Iterator[bytes]]:
-    from mailgrave.fileio import blocks, header_lines, message_size
-
     with open(message_path, "rb") as f:
         whole = message_size(f.fileno()) <= MAX_RETURNED
 

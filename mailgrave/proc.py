@@ -4,7 +4,6 @@ with no connection (systemd starts the service again on the next one)."""
 
 from __future__ import annotations
 
-import logging
 import queue
 import selectors
 import socket
@@ -12,7 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 
-log = logging.getLogger(__name__)
+from mailgrave import log as logmod
+
+log = logmod.getLogger(__name__)
 
 THREAD_IDLE = 10.0  # seconds a finished thread waits for another connection
 

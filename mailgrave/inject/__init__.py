@@ -1,0 +1,1 @@
+"""Local submission with sendmail's command line (runs as the calling user)."""

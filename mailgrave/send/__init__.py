@@ -1,0 +1,1 @@
+"""The scheduler stage: delivery, retries, bounces (user mailgrave-queue, owns the spool)."""

@@ -1,0 +1,7 @@
+"""``python -m mailgrave.send``: mailgrave-send."""
+
+import sys
+
+from mailgrave.send.program import main
+
+sys.exit(main())

@@ -1,0 +1,171 @@
+"""What mailgrave-send decides, without I/O: which recipients are due, how they are
+grouped into delivery jobs, the back-off after a temporary failure, expiry,
+the delay warning, and who gets a bounce. Every function takes the time it
+should consider "now", so the scheduler's rules are tested on a made-up clock
+(tests/unit/test_send_policy.py); :mod:`mailgrave.send.scheduler` does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mailgrave.config import Config, Queue
+from mailgrave.errors import Result
+from mailgrave.record import Record, record
+from mailgrave.spool import Entry, Recipient, RecipientState
+
+DEFAULT_RETRY = 300.0
+LOCAL = "local"
+REMOTE = "remote"
+NONE = "none"  # no delivery: only expiry, a warning or a bounce to finish
+
+
+@record
+class Job(Record):
+    """One delivery attempt: some recipients of one message over one channel."""
+
+    entry: Entry
+    channel: str  # LOCAL, REMOTE or NONE
+    recipients: tuple[Recipient, ...]
+    new: bool  # the message is still in todo/
+
+    @property
+    def destination(self) -> str:
+        """What the concurrency limits count: a remote domain, or the message itself."""
+        if self.channel == REMOTE and self.recipients:
+            return "remote:" + domain_of(self.recipients[0].addr)
+        return f"{self.channel}:{self.entry.qid}"
+
+
+def domain_of(addr: str) -> str:
+    return addr.rpartition("@")[2]
+
+
+def lifetime(entry: Entry, queue: Queue) -> float:
+    """How long the message may stay: bounce_lifetime for a bounce (null sender)."""
+    if not entry.sender and queue.bounce_lifetime:
+        return queue.bounce_lifetime
+    return queue.lifetime
+
+
+def expired(entry: Entry, now: float, queue: Queue) -> bool:
+    return now - entry.created > lifetime(entry, queue)
+
+
+def retry_delay(attempts: int, retry: tuple[float, ...]) -> float:
+    """The wait after the ``attempts``-th temporary failure: the retry steps in
+    order, then the last one for ever."""
+    if not retry:
+        return DEFAULT_RETRY
+    return retry[min(attempts - 1, len(retry) - 1)]
+
+
+def expire(entry: Entry, now: float, queue: Queue) -> list[Recipient]:
+    """Fail every pending recipient of an expired message that has been tried at
+    least once (its last reply becomes the reason); return them."""
+    if not expired(entry, now, queue):
+        return []
+    gone = [r for r in entry.recipients if not r.done and r.attempts > 0]
+    for r in gone:
+        r.state = RecipientState.FAILED
+        r.status = "5.4.7"
+        r.last_reply = f"5.4.7 delivery time expired; last attempt: {r.last_reply}"
+    return gone
+
+
+def needs_warning(entry: Entry, now: float, queue: Queue) -> bool:
+    """A delay warning is owed: once, to a real sender, after warn_after."""
+    return (
+        bool(entry.sender)
+        and not entry.warned
+        and now - entry.created > queue.warn_after
+        and any(not r.done for r in entry.recipients)
+    )
+
+
+def unbounced(entry: Entry) -> list[Recipient]:
+    """Failed recipients whose bounce has not been sent yet."""
+    return [
+        r
+        for r in entry.recipients
+        if r.state is RecipientState.FAILED and r.addr not in entry.bounced
+    ]
+
+
+def finished(entry: Entry) -> bool:
+    return all(r.done for r in entry.recipients)
+
+
+def jobs(
+    entry: Entry, new: bool, now: float, config: Config, is_local: Callable[[str], bool]
+) -> list[Job]:
+    """The jobs due now for ``entry`` (after :func:`expire`): its due local
+    recipients together, its due remote recipients one job per domain, or a
+    NONE job when there is nothing to attempt but something to finish."""
+    if entry.held:
+        return []
+    due = [r for r in entry.recipients if not r.done and r.next_attempt <= now]
+    local = tuple(r for r in due if is_local(domain_of(r.addr)))
+    by_domain: dict[str, list[Recipient]] = {}
+    for r in due:
+        if r not in local:
+            by_domain.setdefault(domain_of(r.addr), []).append(r)
+    found = [Job(entry, LOCAL, local, new)] if local else []
+    found += [Job(entry, REMOTE, tuple(rs), new) for rs in by_domain.values()]
+    if not found and (
+        expired(entry, now, config.queue)
+        or needs_warning(entry, now, config.queue)
+        or finished(entry)
+        or unbounced(entry)
+    ):
+        found.append(Job(entry, NONE, (), new))
+    return found
+
+
+def record_result(r: Recipient, result: Result, now: float, retry: tuple[float, ...]) -> None:
+    """What one attempt means for the recipient: delivered, failed, or deferred
+    with the next attempt after the back-off."""
+    r.attempts += 1
+    r.last_reply = result.reply_text()
+    r.status = result.status
+    r.remote = result.host
+    if result.ok:
+        r.state = RecipientState.DELIVERED
+    elif result.permanent:
+        r.state = RecipientState.FAILED
+    else:
+        if not r.first_failure:
+            r.first_failure = now
+        r.next_attempt = now + retry_delay(r.attempts, retry)
+
+
+def notify_whom(
+    entry: Entry, recipients: list[Recipient], delay: bool, hostname: str
+) -> str | None:
+    """Who gets the notification about ``recipients``: the sender; postmaster
+    for a bounce that failed (a double bounce); nobody for a warning about a
+    bounce, or for a double bounce that failed too."""
+    if entry.sender:
+        return entry.sender
+    if delay:
+        return None
+    postmaster = f"postmaster@{hostname}"
+    if all(r.addr.lower() == postmaster for r in recipients):
+        return None
+    return postmaster
+
+
+def concurrency(destination: str, config: Config) -> int:
+    """Connections at once to one destination: remote.destination_concurrency for
+    a remote domain, one for a local delivery (one message at a time)."""
+    if destination.startswith("remote:"):
+        return max(1, config.remote.destination_concurrency)
+    return 1
+
+
+def notice_status(r: Recipient, delay: bool) -> str:
+    """The enhanced status code a notification gives for ``r``: its last one when
+    it fits the notification (5.x.x in a bounce, 4.x.x in a delay warning)."""
+    if r.status and (r.status[0] == "5") == (not delay):
+        return r.status
+    return "4.0.0" if delay else "5.0.0"

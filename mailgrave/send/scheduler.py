@@ -1,0 +1,281 @@
+"""One run of mailgrave-send over the spool: the I/O around :mod:`mailgrave.send.policy`.
+
+Takes what is due, hands local recipients to mailgrave-local (local.ctrl) and
+remote ones to mailgrave-remote (remote.ctrl), keeps each recipient's state
+durably, queues bounces and delay warnings, removes finished messages, and
+returns when nothing has been due for a moment. Deliveries run in parallel,
+at most ``queue.max_parallel`` at once and ``remote.destination_concurrency``
+per remote domain: one slow destination never holds up the others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from mailgrave import config as configmod
+from mailgrave import ctrl, headers, maillog
+from mailgrave import log as logmod
+from mailgrave.envelope import Envelope, EnvelopeError
+from mailgrave.errors import OK, PERMANENT, PermFail, Result, TempFail
+from mailgrave.send import policy
+from mailgrave.send.bounce import Failure, notification
+from mailgrave.send.policy import Job
+from mailgrave.spool import ACTIONS, Entry, Recipient, Spool
+
+log = logmod.getLogger(__name__)
+
+DEFERRED_RESCAN = 30.0
+LINGER = 2.0  # seconds an idle run waits for new mail before it exits
+TODO_POLL = 0.05
+
+
+class Scheduler:
+    """One run of mailgrave-send over the spool."""
+
+    def __init__(self, config: configmod.Config, now: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.spool = Spool(config.spool)
+        self.lock = threading.Lock()
+        self.inflight: dict[str, int] = {}
+        self.new: set[str] = set()
+        self.now = now
+        # Set by SIGTERM (systemctl stop): finish what is in flight, start nothing new.
+        self.stopping = False
+        self.agents = ctrl.Agents()
+
+    # --- what is due ---------------------------------------------------------
+
+    def _new_entry(self, qid: str) -> Entry | None:
+        try:
+            return self.spool.new_entry(qid)
+        except EnvelopeError as exc:
+            log.error("%s: unreadable envelope (%s); moved to bad/", qid, exc)
+            self.spool.quarantine(qid)
+            return None
+
+    def collect(self, rescan_deferred: bool) -> list[Job]:
+        """Jobs due now for messages not already in flight."""
+        jobs: list[Job] = []
+        for qid in self.spool.todo():
+            if qid in self.inflight:
+                continue
+            entry = self.spool.read_entry(qid) or self._new_entry(qid)
+            if entry is None:
+                continue
+            self.new.add(qid)
+            jobs += self._jobs_for(entry, new=True)
+        if rescan_deferred:
+            for qid in self.spool.deferred():
+                if qid in self.inflight or qid in self.new:
+                    continue
+                entry = self.spool.read_entry(qid)
+                if entry is not None:
+                    jobs += self._jobs_for(entry, new=False)
+        return jobs
+
+    def _jobs_for(self, entry: Entry, new: bool) -> list[Job]:
+        if entry.held:
+            return []
+        now = self.now()
+        for r in policy.expire(entry, now, self.config.queue):
+            maillog.failed(entry.qid, r.addr, "queue", r.last_reply)
+        return policy.jobs(entry, new, now, self.config, self.config.is_local_domain)
+
+    # --- doing it --------------------------------------------------------------
+
+    def run_job(self, job: Job) -> list[Result]:
+        if not job.recipients:
+            return []
+        qid = job.entry.qid
+        name = "local.ctrl" if job.channel == policy.LOCAL else "remote.ctrl"
+        try:
+            results, transcript = ctrl.request(
+                self.config.socket_path(name),
+                qid,
+                job.entry.sender,
+                [r.addr for r in job.recipients],
+                self.spool.message_path(qid),
+                self.agents,
+            )
+        except FileNotFoundError:
+            return [Result("Z", "4.3.0", "message file missing")] * len(job.recipients)
+        if transcript:
+            with self.lock:
+                job.entry.transcript = [*job.entry.transcript, *transcript][-200:]
+        return results
+
+    def apply(self, job: Job, results: list[Result]) -> None:
+        now = self.now()
+        for r, res in zip(job.recipients, results, strict=True):
+            policy.record_result(r, res, now, self.config.queue.retry)
+            if res.code == OK:
+                maillog.delivered(job.entry.qid, r.addr, job.channel, r.last_reply)
+            elif res.code == PERMANENT:
+                maillog.failed(job.entry.qid, r.addr, job.channel, r.last_reply)
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.next_attempt))
+                maillog.deferred(job.entry.qid, r.addr, job.channel, r.last_reply, when)
+
+    def finish(self, entry: Entry) -> None:
+        """After every job of a message: notify, then remove it or keep its state."""
+        qid = entry.qid
+        failed = policy.unbounced(entry)
+        if failed:
+            self._notify(entry, failed, delay=False)
+            entry.bounced += [r.addr for r in failed]
+        elif policy.needs_warning(entry, self.now(), self.config.queue):
+            self._notify(entry, [r for r in entry.recipients if not r.done], delay=True)
+            entry.warned = True
+        if policy.finished(entry):
+            self.spool.remove(qid)
+            maillog.removed(qid, "all recipients done")
+        elif qid in self.new:
+            self.spool.take_over(entry)
+        else:
+            self.spool.write_entry(entry)
+        self.new.discard(qid)
+
+    def _notify(self, entry: Entry, recipients: list[Recipient], delay: bool) -> None:
+        """Queue a bounce (or delay warning) for ``recipients`` of ``entry``."""
+        to = policy.notify_whom(entry, recipients, delay, self.config.hostname)
+        if to is None:
+            if not delay:
+                log.error(
+                    "%s: double bounce to %s failed too; dropped",
+                    entry.qid,
+                    ", ".join(r.addr for r in recipients),
+                )
+            return
+        failures = [
+            Failure(r.addr, r.last_reply, policy.notice_status(r, delay)) for r in recipients
+        ]
+        try:
+            qc = ctrl.QueueClient(self.config.socket_path("queue.ctrl"), {}, Envelope("", (to,)))
+            for chunk in notification(
+                hostname=self.config.hostname,
+                sender=to,
+                qid=entry.qid,
+                arrival=headers.rfc5322_date(entry.created),
+                failures=failures,
+                message_path=self.spool.message_path(entry.qid),
+                delay=delay,
+                date=headers.rfc5322_date(),
+            ):
+                qc.write(chunk)
+            bounce_qid = qc.commit()
+        except (TempFail, PermFail, OSError) as exc:
+            # Keep the message: the notification is retried on the next run.
+            log.error("%s: cannot queue notification: %s", entry.qid, exc)
+            raise TempFail("cannot queue notification") from exc
+        maillog.bounced(entry.qid, bounce_qid, to, [r.addr for r in recipients])
+
+    # --- the loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        pool = ThreadPoolExecutor(max_workers=max(1, self.config.queue.max_parallel))
+        futures: dict[Future[list[Result]], Job] = {}
+        # Jobs wait per destination, so that one destination gets at most
+        # remote.destination_concurrency connections and messages due together
+        # go over the same (reused) connection one after another.
+        waiting: dict[str, deque[Job]] = {}
+        active: dict[str, int] = {}
+        last_deferred_scan = 0.0
+        last_work = time.monotonic()
+        try:
+            while True:
+                if not self.stopping:
+                    self.apply_control_requests()
+                    rescan = time.monotonic() - last_deferred_scan >= DEFERRED_RESCAN
+                    if rescan:
+                        last_deferred_scan = time.monotonic()
+                    for job in self.collect(rescan):
+                        qid = job.entry.qid
+                        self.inflight[qid] = self.inflight.get(qid, 0) + 1
+                        waiting.setdefault(job.destination, deque()).append(job)
+                    self._start(pool, futures, waiting, active)
+                if futures:
+                    last_work = time.monotonic()
+                elif self.stopping or time.monotonic() - last_work >= LINGER:
+                    break
+                else:
+                    # Nothing due: stay a moment for mail that is arriving
+                    # (a burst), instead of exiting and being started again.
+                    time.sleep(TODO_POLL)
+                    continue
+                done, _ = wait(list(futures), timeout=0.2, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = futures.pop(fut)
+                    active[job.destination] -= 1
+                    self._done(job, fut)
+        finally:
+            pool.shutdown(wait=True)
+            self.agents.close()
+        self.clean()
+        return 0
+
+    def _start(
+        self,
+        pool: ThreadPoolExecutor,
+        futures: dict[Future[list[Result]], Job],
+        waiting: dict[str, deque[Job]],
+        active: dict[str, int],
+    ) -> None:
+        """Start the waiting jobs that the concurrency limits allow."""
+        remote_total = sum(n for d, n in active.items() if d.startswith("remote:"))
+        for dest, jobs in waiting.items():
+            limit = policy.concurrency(dest, self.config)
+            is_remote = dest.startswith("remote:")
+            while jobs and active.get(dest, 0) < limit:
+                if is_remote and remote_total >= self.config.remote.max_parallel:
+                    break
+                remote_total += is_remote
+                job = jobs.popleft()
+                active[dest] = active.get(dest, 0) + 1
+                futures[pool.submit(self.run_job, job)] = job
+
+    def _done(self, job: Job, fut: Future[list[Result]]) -> None:
+        """A job came back: record its results; the message's last job finishes it."""
+        try:
+            results = fut.result()
+        except Exception:
+            log.exception("%s: delivery attempt crashed", job.entry.qid)
+            results = [Result("Z", "4.3.0", "internal error")] * len(job.recipients)
+        qid = job.entry.qid
+        self.apply(job, results)
+        self.inflight[qid] -= 1
+        if self.inflight[qid] == 0:
+            del self.inflight[qid]
+            try:
+                self.finish(job.entry)
+            except (TempFail, OSError) as exc:
+                log.error("%s: cannot update the queue: %s", qid, exc)
+                self._keep_on_error(job.entry)
+
+    def _keep_on_error(self, entry: Entry) -> None:
+        """Save what we know so that nothing is lost; it is retried next run."""
+        try:
+            if entry.qid in self.new:
+                self.spool.take_over(entry)
+                self.new.discard(entry.qid)
+            else:
+                self.spool.write_entry(entry)
+        except OSError as exc:
+            log.error("%s: cannot save state: %s", entry.qid, exc)
+
+    def apply_control_requests(self) -> None:
+        """Requests that `mailgrave queue` left in ctl/ while this run held the lock."""
+        for qid, action, path in self.spool.requests():
+            if qid in self.inflight:
+                continue
+            if action in ACTIONS:
+                self.spool.apply(qid, action)
+            Spool.unlink_quiet(path)
+
+    def clean(self) -> None:
+        for path in self.spool.stale():
+            log.info("removing leftover %s", path)
+            Spool.unlink_quiet(path)

@@ -1,0 +1,7 @@
+"""``python -m mailgrave.smtpd``: mailgrave-smtpd."""
+
+import sys
+
+from mailgrave.smtpd.program import main
+
+sys.exit(main())

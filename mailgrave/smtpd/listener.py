@@ -1,0 +1,243 @@
+"""mailgrave-smtpd's warm parent: accepts, hands each connection to a process of
+its own (forked ahead of time when connections keep coming), reaps, enforces
+the connection limits."""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from mailgrave import config as configmod
+from mailgrave import log as mglog
+from mailgrave import maillog
+from mailgrave.errors import EXIT_OK, EXIT_TEMP
+from mailgrave.smtp import replies as R
+from mailgrave.smtpd.session import READ_SIZE, Channel, Session, _plain_ip, serve_connection
+
+log = mglog.getLogger(__name__)
+
+REAP_INTERVAL = 0.5
+
+
+class Listener:
+    """The warm parent: accept, hand each connection to a child of its own, reap,
+    enforce limits.
+
+    Each connection gets a fresh process that serves it alone and exits. While
+    connections keep coming, the parent keeps SPARES children forked ahead of
+    time; a spare waits for its connection over a socketpair, so that a client
+    does not wait for a fork. Spares leave after SPARE_IDLE
+    seconds without a connection; when none is ready the parent forks on the spot.
+    """
+
+    SPARES = 2
+    SPARE_IDLE = 2.0
+
+    def __init__(self, config: configmod.Config, sockets: list[socket.socket]) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.children: dict[int, str] = {}  # pid -> client address, one per connection
+        self.spares: dict[int, socket.socket] = {}  # pid -> our end of its socketpair
+        self.leaving: set[int] = set()  # spares sent away, not yet reaped
+        self.last_accept = 0.0
+        self.stopping = False
+
+    def run(self) -> int:
+        if self.config.smtpd.tls.certificate:
+            # Once in the warm parent, not in every child that does STARTTLS.
+            import ssl  # noqa: F401
+        _warm_up(self.config)
+
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        for sock in self.sockets:
+            sock.setblocking(False)
+        idle_exit = self.config.smtpd.idle_exit
+        last_activity = time.monotonic()
+        while not self.stopping:
+            self.reap()
+            now = time.monotonic()
+            if self.children:
+                last_activity = now
+            elif idle_exit and now - last_activity >= idle_exit:
+                log.info("no connection for %gs, exiting", idle_exit)
+                break
+            if now - self.last_accept < self.SPARE_IDLE:
+                while len(self.spares) < self.SPARES:
+                    self._fork_spare()
+            elif self.spares:
+                self._drop_spares()
+            try:
+                ready, _, _ = select.select(self.sockets, [], [], REAP_INTERVAL)
+            except InterruptedError:
+                continue
+            for sock in ready:
+                self.accept(sock)
+                last_activity = self.last_accept = time.monotonic()
+        self._drop_spares()
+        self.reap()
+        return EXIT_OK
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def reap(self) -> None:
+        while self.children or self.spares or self.leaving:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                self._drop_spares()
+                self.leaving.clear()
+                return
+            if pid == 0:
+                return
+            self.children.pop(pid, None)
+            self.leaving.discard(pid)
+            spare = self.spares.pop(pid, None)
+            if spare is not None:
+                spare.close()
+
+    def _drop_spares(self) -> None:
+        """Send the spares away: each leaves when its socketpair closes."""
+        for sock in self.spares.values():
+            sock.close()
+        self.leaving.update(self.spares)
+        self.spares.clear()
+
+    def _fork(self) -> int:
+        # Objects the parent made so far are never collected in a child: a
+        # collection there would touch (copy-on-write) every page of the heap.
+        gc.freeze()
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for sock in [*self.sockets, *self.spares.values()]:
+                sock.close()
+        return pid
+
+    def _fork_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = self._fork()
+        if pid:
+            theirs.close()
+            self.spares[pid] = ours
+            return
+        ours.close()
+
+        def wait_and_serve() -> None:
+            data, fds, _flags, _addr = socket.recv_fds(theirs, 256, 1)
+            theirs.close()
+            if fds:  # nothing (the socketpair closed): no longer needed
+                conn = socket.socket(fileno=fds[0])
+                serve_connection(self.config, conn, data.decode("ascii", "replace"))
+
+        _serve_and_exit(wait_and_serve)
+
+    def _hand_to_spare(self, conn: socket.socket, ip: str) -> bool:
+        while self.spares:
+            pid, sock = self.spares.popitem()
+            try:
+                socket.send_fds(sock, [ip.encode("ascii", "replace")], [conn.fileno()])
+            except OSError:
+                continue  # that spare is gone; reap() collects it
+            finally:
+                sock.close()
+            self.children[pid] = ip
+            return True
+        return False
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            conn, addr = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        # Replies are small writes that must not wait for delayed ACKs (Nagle).
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setblocking(True)
+        ip = _plain_ip(str(addr[0])) if isinstance(addr, tuple) and addr else "unknown"
+        smtpd = self.config.smtpd
+        per_client = sum(1 for c in self.children.values() if c == ip)
+        if (smtpd.max_connections and len(self.children) >= smtpd.max_connections) or (
+            smtpd.max_connections_per_client and per_client >= smtpd.max_connections_per_client
+        ):
+            maillog.rejected("connect", f"[{ip}]", "too many connections")
+            try:
+                conn.settimeout(1.0)
+                conn.sendall(R.TOO_MANY_CONNECTIONS.encode())
+            except OSError:
+                pass
+            conn.close()
+            return
+        if self._hand_to_spare(conn, ip):
+            conn.close()
+            return
+        pid = self._fork()
+        if pid == 0:
+            _serve_and_exit(lambda: serve_connection(self.config, conn, ip))
+        self.children[pid] = ip
+        conn.close()
+
+
+WARM_UP = (
+    b"EHLO warm-up.invalid\r\n",
+    b"MAIL FROM:<warm-up@warm-up.invalid>\r\n",
+    b"RCPT TO:<postmaster>\r\n",
+    b"RCPT TO:<nobody@warm-up.invalid>\r\n",
+    b"RSET\r\n",
+    b"NOOP\r\n",
+    b"QUIT\r\n",
+)
+
+
+def _warm_up(config: configmod.Config) -> None:
+    """One session in the listener itself, over a socketpair, before any fork.
+
+    CPython 3.11 specialises the bytecode of a function after its first
+    executions, and the policy fills its caches (relay networks) on first
+    use: done here once, in pages every child shares, instead of written
+    (and so copied) in each child. No DATA: the queue is not involved.
+    """
+    ours, theirs = socket.socketpair()
+    try:
+        with mglog.muted(), ours, theirs:
+            session = Session(config, Channel(theirs, 5.0), "127.0.0.1")
+            session.channel.send(session.server.greeting())
+            for line in WARM_UP:
+                session._handle(session.server.receive_data(line))
+                ours.recv(READ_SIZE)
+    except Exception as exc:  # only an optimisation: never a reason not to serve
+        log.debug("warm-up session failed: %s", type(exc).__name__)
+
+
+def _serve_and_exit(session: Callable[[], None]) -> NoReturn:
+    """In a child: run the session, then leave without the interpreter's teardown."""
+    code = 0
+    try:
+        session()
+    except BaseException:
+        log.exception("session failed")
+        code = EXIT_TEMP
+    finally:
+        mglog.shutdown()
+        os._exit(code)
+
+
+def bind(addr: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr.strip("[]"), port))
+    sock.listen(128)
+    return sock

@@ -1,0 +1,343 @@
+"""One SMTP session of mailgrave-smtpd: the connection (a socket, TLS or not, or
+fds 0/1), the policy from mailgrave.yaml, and the loop that feeds the protocol
+core (:mod:`mailgrave.smtp.server`) and carries out its events.
+
+Every module this one imports is paid for on every connection in
+``Accept=yes`` mode: see :data:`mailgrave.smtpd.IMPORT_BUDGET`.
+"""
+
+from __future__ import annotations
+
+# _socket, not socket: socket.py imports enum and selectors, which a session
+# does without; a session's socket is a ``_socket.socket``.
+import _socket
+import os
+import select
+import time
+
+from mailgrave import config as configmod
+from mailgrave import log as mglog
+from mailgrave import maillog
+from mailgrave.ctrl import QueueClient
+from mailgrave.envelope import Envelope
+from mailgrave.errors import PermFail, TempFail
+from mailgrave.fileio import write_all
+from mailgrave.recipients import recipient_exists
+from mailgrave.smtp import replies as R
+from mailgrave.smtp import server as S
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
+
+log = mglog.getLogger(__name__)
+
+READ_SIZE = 64 * 1024
+DRAIN_TIME = 1.0  # seconds spent reading what the client still sends, on close
+DRAIN_LIMIT = 1024 * 1024
+
+
+class ConfigPolicy:
+    """The server's policy from mailgrave.yaml for one client address."""
+
+    def __init__(self, config: configmod.Config, client_ip: str) -> None:
+        smtpd = config.smtpd
+        self.config = config
+        self.client_ip = client_ip
+        self.hostname = config.hostname
+        self.max_message_size = smtpd.max_message_size
+        self.max_recipients = smtpd.max_recipients
+        self.max_errors = smtpd.max_errors
+        self.tls_available = bool(smtpd.tls.certificate and smtpd.tls.key)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return self.config.is_local_domain(domain)
+
+    def recipient_exists(self, local: str, domain: str) -> bool:
+        return recipient_exists(self.config, local, domain)
+
+    def may_relay(self) -> bool:
+        return self.config.may_relay(self.client_ip)
+
+
+class Channel:
+    """The connection: a socket (possibly TLS-wrapped) or a pair of pipes."""
+
+    def __init__(self, sock: socket.socket | None, timeout: float) -> None:
+        self.sock: Any = sock
+        self.timeout = timeout or None
+
+    def readable(self, wait: float) -> bool:
+        if self.sock is not None and getattr(self.sock, "pending", lambda: 0)():
+            return True
+        fd = self.sock.fileno() if self.sock is not None else 0
+        ready, _, _ = select.select([fd], [], [], wait)
+        return bool(ready)
+
+    def peek(self) -> bool:
+        """Is there data waiting (as opposed to EOF)?"""
+        if self.sock is None:
+            return True
+        try:
+            return bool(self.sock.recv(1, _socket.MSG_PEEK))
+        except OSError:
+            return False
+
+    def recv(self) -> bytes:
+        """Bytes from the client; b"" at EOF; TimeoutError when idle too long."""
+        if self.sock is None:
+            if self.timeout is not None and not self.readable(self.timeout):
+                raise TimeoutError
+            return os.read(0, READ_SIZE)
+        self.sock.settimeout(self.timeout)
+        try:
+            return bytes(self.sock.recv(READ_SIZE))
+        except TimeoutError as exc:
+            raise TimeoutError from exc
+
+    def send(self, data: bytes) -> None:
+        if self.sock is None:
+            write_all(1, data)
+        else:
+            self.sock.sendall(data)
+
+    def start_tls(self, certificate: str, key: str) -> None:
+        import ssl
+
+        if self.sock is None:
+            raise OSError("TLS needs a socket")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(certificate, key)
+        self.sock.settimeout(self.timeout)
+        self.sock = ctx.wrap_socket(self.sock, server_side=True)
+
+    def tls_info(self) -> str:
+        try:
+            return f"{self.sock.version()} {self.sock.cipher()[0]}"
+        except Exception:
+            return "TLS"
+
+    def close(self) -> None:
+        """Close gracefully: a reply must not be lost to a reset caused by unread input."""
+        if self.sock is None:
+            return
+        try:
+            self.sock.shutdown(_socket.SHUT_WR)
+            deadline = time.monotonic() + DRAIN_TIME
+            drained = 0
+            while drained < DRAIN_LIMIT and time.monotonic() < deadline:
+                self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                data = self.sock.recv(READ_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+        except (OSError, ValueError):
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _client_ip(sock: socket.socket | None) -> str:
+    if sock is not None:
+        try:
+            peer = sock.getpeername()
+            if isinstance(peer, tuple) and peer:
+                return _plain_ip(str(peer[0]))
+        except OSError:
+            pass
+    for var in ("REMOTE_ADDR", "TCPREMOTEIP"):
+        if os.environ.get(var):
+            return _plain_ip(os.environ[var])
+    return "unknown"
+
+
+def _plain_ip(ip: str) -> str:
+    """The address in its usual text form; an IPv4-mapped IPv6 address as IPv4.
+
+    With inet_pton/inet_ntop rather than :mod:`ipaddress` (an import per
+    connection in Accept=yes mode); the rare forms whose text inet_ntop writes
+    differently from ipaddress (IPv4-compatible ``::a.b.c.d``) go to ipaddress.
+    """
+    text, ip = ip, ip.split("%")[0]
+    try:
+        return _socket.inet_ntop(_socket.AF_INET, _socket.inet_pton(_socket.AF_INET, ip))
+    except (OSError, ValueError):  # ValueError: a NUL in the text
+        pass
+    try:
+        packed = _socket.inet_pton(_socket.AF_INET6, ip)
+    except (OSError, ValueError):
+        return text  # not an address: as it came
+    if packed[:12] == b"\0" * 10 + b"\xff\xff":
+        return _socket.inet_ntop(_socket.AF_INET, packed[12:])
+    if packed[:12] != b"\0" * 12:
+        return _socket.inet_ntop(_socket.AF_INET6, packed)
+    import ipaddress
+
+    return str(ipaddress.IPv6Address(packed))
+
+
+class Session:
+    """One connection: reads, feeds the protocol core, carries out its events."""
+
+    def __init__(self, config: configmod.Config, channel: Channel, client_ip: str) -> None:
+        self.config = config
+        self.channel = channel
+        self.client_ip = client_ip
+        self.server = S.Server(ConfigPolicy(config, client_ip))
+        self.queue: QueueClient | None = None
+        self.queue_error: R.Reply | None = None
+        self.current: S.MessageStart | None = None
+        self.closed = False
+        self.close_reason = "connection lost"
+        self.rejections = 0
+
+    def run(self) -> None:
+        log.info("connect from [%s]", self.client_ip)
+        try:
+            self._run()
+        except (OSError, TimeoutError) as exc:
+            self.close_reason = f"connection lost: {type(exc).__name__}"
+        finally:
+            self._abort_queue()
+            self.channel.close()
+            log.info(
+                "disconnect from [%s] messages=%d errors=%d (%s)",
+                self.client_ip,
+                self.server.messages,
+                self.server.errors,
+                self.close_reason,
+            )
+
+    def _run(self) -> None:
+        pause = self.config.smtpd.greet_pause
+        if pause and self.channel.readable(pause):
+            if not self.channel.peek():
+                self.close_reason = "client left before the greeting"
+                return  # a port probe
+            maillog.rejected("connect", f"[{self.client_ip}]", "talked before the greeting")
+            self.channel.send(R.EARLY_TALKER.encode())
+            self.close_reason = "talked before the greeting"
+            return
+        self.channel.send(self.server.greeting())
+        while not self.closed:
+            try:
+                data = self.channel.recv()
+            except TimeoutError:
+                self._handle(self.server.timeout())
+                return
+            self._handle(self.server.receive_data(data))
+
+    def _handle(self, events: list[S.Event]) -> None:
+        pending = bytearray()
+
+        def flush() -> None:
+            if pending:
+                self.channel.send(bytes(pending))
+                pending.clear()
+
+        queue = list(events)
+        while queue:
+            ev = queue.pop(0)
+            if isinstance(ev, S.Output):
+                pending += ev.data
+            elif isinstance(ev, S.MessageStart):
+                self._open_queue(ev)
+            elif isinstance(ev, S.MessageData):
+                self._write_queue(ev.data)
+            elif isinstance(ev, S.MessageComplete):
+                flush()
+                queue[:0] = self._commit(ev.size)
+            elif isinstance(ev, S.MessageAborted):
+                self._abort_queue()
+            elif isinstance(ev, S.Rejected):
+                self.rejections += 1
+                maillog.rejected(ev.stage, f"[{self.client_ip}]", ev.reason)
+            elif isinstance(ev, S.StartTLS):
+                flush()
+                self._start_tls()
+                queue[:0] = self.server.tls_started()
+            elif isinstance(ev, S.Close):
+                flush()
+                self.close_reason = ev.reason
+                self.closed = True
+                return
+        flush()
+
+    def _start_tls(self) -> None:
+        tls = self.config.smtpd.tls
+        try:
+            self.channel.start_tls(tls.certificate, tls.key)
+        except OSError as exc:
+            log.info("TLS handshake with [%s] failed: %s", self.client_ip, type(exc).__name__)
+            self.closed = True
+            raise
+        log.info("TLS with [%s]: %s", self.client_ip, self.channel.tls_info())
+
+    def _open_queue(self, ev: S.MessageStart) -> None:
+        self.current, self.queue, self.queue_error = ev, None, None
+        attrs = {"proto": ev.proto, "helo": ev.helo, "addr": self.client_ip}
+        attrs = {k: v.replace("\0", "").replace("\n", "") for k, v in attrs.items()}
+        try:
+            self.queue = QueueClient(
+                self.config.socket_path("queue.ctrl"),
+                attrs=attrs,
+                envelope=Envelope(ev.sender, ev.recipients),
+            )
+        except (TempFail, OSError, ValueError) as exc:
+            log.warning("cannot submit to the queue: %s", exc)
+            self.queue_error = R.QUEUE_TEMPFAIL
+
+    def _write_queue(self, data: bytes) -> None:
+        if self.queue is None:
+            return
+        try:
+            self.queue.write(data)
+        except OSError as exc:
+            log.warning("queue connection failed: %s", type(exc).__name__)
+            self._abort_queue()
+            self.queue_error = R.QUEUE_TEMPFAIL
+
+    def _commit(self, size: int) -> list[S.Event]:
+        qc, self.queue = self.queue, None
+        if qc is None:
+            return self.server.message_failed(self.queue_error or R.QUEUE_TEMPFAIL)
+        try:
+            qid = qc.commit()
+        except TempFail as exc:
+            log.warning("queue refused the message temporarily: %s", exc.text)
+            return self.server.message_failed(R.QUEUE_TEMPFAIL)
+        except PermFail as exc:
+            log.warning("queue refused the message: %s", exc.text)
+            return self.server.message_failed(R.Reply(554, "5.3.0", "Message refused"))
+        except OSError as exc:
+            log.warning("queue connection failed: %s", type(exc).__name__)
+            return self.server.message_failed(R.QUEUE_TEMPFAIL)
+        ev = self.current
+        if ev is not None:
+            log.info(
+                "%s: accepted from [%s] sender=<%s> rcpts=<%s> size=%d",
+                qid,
+                self.client_ip,
+                ev.sender,
+                ">,<".join(ev.recipients),
+                size,
+                extra={"fields": {"MAILGRAVE_QID": qid}},
+            )
+        return self.server.message_queued(qid)
+
+    def _abort_queue(self) -> None:
+        if self.queue is not None:
+            self.queue.abort()
+            self.queue = None
+
+
+def serve_connection(
+    config: configmod.Config, sock: socket.socket | None, client_ip: str | None = None
+) -> None:
+    """Run one SMTP session on ``sock`` (or on fds 0/1 when None)."""
+    channel = Channel(sock, config.smtpd.timeout)
+    Session(config, channel, client_ip or _client_ip(sock)).run()
