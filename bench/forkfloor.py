@@ -36,7 +36,7 @@ sys.path.append("/usr/lib/python3/dist-packages")  # yaml, when started with -S 
 
 from mailgrave import config as configmod
 from mailgrave import log as mglog
-from mailgrave.smtpd import session
+from mailgrave.smtpd.session import serve_connection
 
 BODY = b"Subject: forkfloor\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26
 SCRIPT = (
@@ -77,7 +77,7 @@ def session(config: configmod.Config) -> None:
     with client:
         client.sendall(SCRIPT)
         client.shutdown(socket.SHUT_WR)
-        session.serve_connection(config, server, "127.0.0.1")
+        serve_connection(config, server, "127.0.0.1")
         replies = b"".join(iter(lambda: client.recv(65536), b""))
     if b"queued as" not in replies:
         raise SystemExit(f"the session did not queue: {replies!r}")
