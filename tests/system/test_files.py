@@ -146,3 +146,24 @@ def test_the_smtpd_launcher_is_rendered_completely_by_the_deb_and_the_venv() -> 
         assert all(f"s|{p}|" in text for p in placeholders)
     assert "s|@FLAGS@|-IS|" in rules and "usr/bin/mailgrave-smtpd" in rules
 
+
+def test_the_mirror_comes_from_apt_sources_and_no_host_is_named_in_the_tree() -> None:
+    from tests.system.container import mirror_from_sources
+
+    deb822 = (
+        "Types: deb\n# a comment\nURIs: http://mirror.invalid/debian http://other.invalid/d\n"
+        "Suites: bookworm\n\nTypes: deb\nURIs: http://security.invalid/debian-security\n"
+    )
+    assert mirror_from_sources(deb822, None) == "http://mirror.invalid/debian"
+    one_line = (
+        "# deb http://commented.invalid/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://list.invalid/debian bookworm main\n"
+    )
+    assert mirror_from_sources(None, one_line) == "http://list.invalid/debian"
+    assert mirror_from_sources("Types: deb\n", "deb http://x.invalid/d trixie main") == (
+        "http://x.invalid/d"
+    )
+    with pytest.raises(RuntimeError):
+        mirror_from_sources(None, None)
+    text = (ROOT / "tests" / "system" / "container.py").read_text()
+    assert not re.search(r"https?://", text), "container.py names a host: read apt's sources"
