@@ -2,7 +2,7 @@
 #   make run    the whole chain in the foreground, dev config under ./run/
 #   make test   install what the tests need, then lint, type-check and test
 #   make deb    build/deb/mailgrave_*.deb (dpkg-buildpackage), then lintian
-#   make system-test  the .deb on Debian 12 booted with systemd-nspawn (root)
+#   make system-test  the .deb on Debian 12 and 13 booted with systemd-nspawn (root)
 SHELL := /bin/bash
 PY := /usr/bin/python3
 VENV := .venv
@@ -89,7 +89,8 @@ deb: pkg-deps
 		$(DEB_OUT)/mailgrave_*.changes
 	@ls $(DEB_OUT)/*.deb
 
-# Boots Debian 12 under systemd-nspawn, installs the .deb, sends mail (root).
+# Boots Debian 12, then Debian 13, under systemd-nspawn; installs the one .deb on each,
+# sends mail (root).  Both roots are cached in /var/cache/mailgrave-systest.
 system-test: venv deb
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/system
 

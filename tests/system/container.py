@@ -1,24 +1,32 @@
-"""A Debian 12 container booted with systemd-nspawn, in a network namespace of its own.
+"""Debian 12 and 13 containers booted with systemd-nspawn, in a network namespace of their own.
 
-The root file system is debootstrapped once and cached on the machine
-(``MAILGRAVE_SYSTEST_CACHE``, default /var/cache/mailgrave-systest); every
-boot runs it with ``--volatile=overlay``, so the cache stays pristine and each
-run starts from the same state.  Commands run inside with ``nsenter`` (there
-is no host systemd for ``machinectl``).  See ../../../shared/SYSTEMD-TESTING.md.
+One root file system per release is debootstrapped once and cached on the
+machine (``MAILGRAVE_SYSTEST_CACHE``, default /var/cache/mailgrave-systest,
+one ``RELEASE/rootfs`` each); every boot runs it with ``--volatile=overlay``,
+so the cache stays pristine and each run starts from the same state.  The
+mirror is the one this machine's apt uses, read at run time.  Commands run
+inside with ``nsenter`` (there is no host systemd for ``machinectl``).  See
+../../../shared/SYSTEMD-TESTING.md.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("MAILGRAVE_SYSTEST_CACHE", "/var/cache/mailgrave-systest"))
-ROOTFS = CACHE / "rootfs"
-MIRROR = "http://deb.debian.org/debian"
+# Debian 12 (systemd 252, Python 3.11) and Debian 13 (systemd 257, Python 3.13).
+RELEASES = ("bookworm", "trixie")
+# Before there was one root per release, the Debian 12 root lived here.
+OLD_BOOKWORM_ROOTFS = CACHE / "rootfs"
+SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+SOURCES_LIST = Path("/etc/apt/sources.list")
 INCLUDE = (
     "systemd,systemd-sysv,dbus,python3,python3-systemd,python3-yaml,python3-dnspython,"
     "iproute2,procps"
@@ -44,24 +52,87 @@ def host(*args: str, check: bool = True, timeout: float = 600) -> subprocess.Com
     )
 
 
-def ensure_rootfs() -> Path:
-    """The cached Debian 12 root, debootstrapped on first use (about 90 s)."""
-    if (ROOTFS / "usr/lib/systemd/systemd").exists():
-        return ROOTFS
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = CACHE / "rootfs.tmp"
+def mirror_from_sources(deb822: str | None, one_line: str | None) -> str:
+    """The Debian mirror apt uses: the first ``URIs:`` of the first stanza of
+    debian.sources, else the URL of the first ``deb`` line of sources.list."""
+    if deb822:
+        stanza = re.split(r"\n\s*\n", deb822.strip(), maxsplit=1)[0]
+        m = re.search(r"^URIs:[ \t]*(\S+)", stanza, re.M | re.I)
+        if m:
+            return m.group(1)
+    for line in (one_line or "").splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:1] == ["deb"]:
+            words = words[1:]
+            if words and words[0].startswith("["):  # options: [arch=amd64 signed-by=...]
+                while words and not words[0].endswith("]"):
+                    words = words[1:]
+                words = words[1:]
+            if words:
+                return words[0]
+    raise RuntimeError(f"no Debian mirror in {SOURCES} or {SOURCES_LIST}")
+
+
+def mirror() -> str:
+    def read(path: Path) -> str | None:
+        try:
+            return path.read_text()
+        except OSError:
+            return None
+
+    return mirror_from_sources(read(SOURCES), read(SOURCES_LIST))
+
+
+def rootfs_path(release: str) -> Path:
+    return CACHE / release / "rootfs"
+
+
+def _bootable(root: Path) -> bool:
+    return (root / "usr/lib/systemd/systemd").exists()
+
+
+def ensure_rootfs(release: str) -> Path:
+    """The cached root of ``release``, debootstrapped on first use (about 90 s alone)."""
+    root = rootfs_path(release)
+    if _bootable(root):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if release == "bookworm" and _bootable(OLD_BOOKWORM_ROOTFS):
+        OLD_BOOKWORM_ROOTFS.rename(root)  # the cache's old layout: keep it, do not fetch again
+        return root
+    tmp = root.parent / "rootfs.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     host(
         "debootstrap",
         "--variant=minbase",
         f"--include={INCLUDE}",
-        "bookworm",
+        release,
         str(tmp),
-        MIRROR,
+        mirror(),
         timeout=1800,
     )
-    tmp.rename(ROOTFS)
-    return ROOTFS
+    tmp.rename(root)
+    return root
+
+
+def ensure_rootfs_all(releases: tuple[str, ...] = RELEASES) -> dict[str, Path]:
+    """Every release's root; the missing ones are debootstrapped side by side."""
+    errors: list[BaseException] = []
+
+    def one(release: str) -> None:
+        try:
+            ensure_rootfs(release)
+        except BaseException as exc:  # reported below, in this thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in releases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {r: rootfs_path(r) for r in releases}
 
 
 def remove_network() -> None:
@@ -93,6 +164,7 @@ class Container:
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
         self.deb = ""  # the package's path inside, set by the test
+        self.release = ""  # the Debian release booted, set by the test
 
     def boot(self, timeout: float = 90) -> None:
         make_network()

@@ -1,8 +1,11 @@
-"""The Debian package on a real systemd: install, mail in over SMTP and sendmail, read the
-journal, reinstall, purge.  Needs root, systemd-nspawn and a built .deb (`make system-test`).
+"""The Debian package on a real systemd: install, mail in over SMTP and sendmail to every
+kind of local target, read the journal, score the sandboxes, reinstall, purge.  Needs root,
+systemd-nspawn and a built .deb (`make system-test`).
 
-The tests run in file order against one booted container; each builds on the state the
-ones before left (installed package, users, mail delivered).
+Every test runs on Debian 12 and on Debian 13 (the ``box`` fixture is parametrized over
+the release): one .deb, built once on the host, installed on both.  Per release the tests
+run in file order against one booted container; each builds on the state the ones before
+left (installed package, users, mail delivered).
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.container import CONTAINER_ADDR, HOST_ADDR, Container, ensure_rootfs
+from tests.system.container import (
+    CONTAINER_ADDR,
+    HOST_ADDR,
+    RELEASES,
+    Container,
+    ensure_rootfs_all,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEB_DIR = Path(os.environ.get("MAILGRAVE_DEB_DIR", ROOT / "build" / "deb"))
@@ -34,6 +43,21 @@ ENABLED = (
     "mailgrave-send.timer",
 )
 QID_RE = re.compile(r"queued as (\S+)")
+# Real system users (useradd): alice and bob for the chain, then one per kind of local
+# target: carol's mbox, dave's Maildir through an alias and erin's .forward, frank's
+# |command.
+USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
+SECURITY_DOC = ROOT / "docs" / "security.md"
+# Every service the package ships, as systemd-analyze security names it.
+SERVICES = (
+    "mailgrave@.service",
+    "mailgrave-smtpd.service",
+    "mailgrave-queue.service",
+    "mailgrave-send.service",
+    "mailgrave-remote.service",
+    "mailgrave-local.service",
+)
+SCORE_RE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d+) (\w+)")
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -45,20 +69,27 @@ def _deb() -> Path:
     return Path(debs[-1])
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+@pytest.fixture(scope="module", params=RELEASES)
+def box(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Container]:
+    """One booted container per release (pytest runs all of a release's tests in a row)."""
+    release: str = request.param
     if os.geteuid() != 0:
         pytest.skip("the system test needs root (debootstrap, systemd-nspawn, network namespaces)")
     for tool in ("systemd-nspawn", "debootstrap", "nsenter", "swaks"):
         if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
             pytest.fail(f"{tool} missing: run `make system-test` (it installs what it needs)")
     deb = _deb()
-    log = tmp_path_factory.mktemp("systest") / "nspawn.log"
-    box = Container(ensure_rootfs(), {str(deb.parent): "/mnt/deb"}, log)
+    log = tmp_path_factory.mktemp(f"systest-{release}") / "nspawn.log"
+    # Both roots at once the first time (debootstrap mostly waits on the network).
+    roots = ensure_rootfs_all()
+    box = Container(roots[release], {str(deb.parent): "/mnt/deb"}, log)
+    box.release = release
     try:
         box.boot()
         box.run("sh", "-c", f"echo {MAILNAME} > /etc/mailname")
-        for user in ("alice", "bob"):
+        for user in USERS:
             box.run("useradd", "--create-home", "--shell", "/bin/sh", user)
         box.deb = f"/mnt/deb/{deb.name}"
         yield box
@@ -201,6 +232,72 @@ def test_sendmail_inside_delivers_locally_and_the_journal_traces_it(box: Contain
     assert "delivered" in text and f"alice@{MAILNAME}" in text, text
 
 
+def wait_file(box: Container, path: str, needle: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = box.run("sh", "-c", f"cat {path} 2>/dev/null", check=False).stdout
+        if needle in text:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{needle!r} not in {path}: {text[-2000:]!r}; journal:\n" + mailgrave_journal(box)
+            )
+        time.sleep(0.3)
+
+
+def maildir_texts(box: Container, user: str) -> str:
+    return box.run("sh", "-c", f"cat /home/{user}/Maildir/new/* 2>/dev/null", check=False).stdout
+
+
+def restart_local(box: Container) -> None:
+    """A new mailgrave-local (the socket starts it again) that reads the files as they are now."""
+    box.run("systemctl", "stop", "mailgrave-local.service")
+
+
+def test_every_local_target_as_the_recipient(box: Container) -> None:
+    """Maildir (above), an alias, a .forward, a |command and an mbox in /var/mail: each
+    delivered by mailgrave-local as the recipient (issue 16: on systemd >= 255 a User= line
+    in its unit made every setuid() fail)."""
+    box.run("sh", "-c", "echo 'team: dave' >> /etc/aliases")
+    box.run("runuser", "-u", "erin", "--", "sh", "-c", "echo dave > ~/.forward")
+    box.run("runuser", "-u", "frank", "--", "sh", "-c", "echo '|cat >> $HOME/piped' > ~/.forward")
+    restart_local(box)
+    qids = [
+        sendmail(box, "bob", f"team@{MAILNAME}", body="to the team alias\n"),
+        sendmail(box, "bob", "erin", body="to erin, forwarded\n"),
+        sendmail(box, "bob", "frank", body="to frank's command\n"),
+    ]
+    wait_mail(box, "dave", 2)
+    texts = maildir_texts(box, "dave")
+    assert "to the team alias" in texts and "to erin, forwarded" in texts, texts
+    assert f"Delivered-To: team@{MAILNAME}" in texts
+    assert box.run("ls", "/home/erin").stdout.split() == [], "erin got a mailbox of her own"
+    piped = wait_file(box, "/home/frank/piped", "to frank's command")
+    assert f"Delivered-To: frank@{MAILNAME}" in piped
+    assert box.run("stat", "-c", "%U", "/home/frank/piped").stdout.strip() == "frank"
+
+    # mbox: /var/mail/USER, for every user while local.mailbox says so.
+    box.run("cp", "-p", "/etc/mailgrave/mailgrave.yaml", "/etc/mailgrave/mailgrave.yaml.orig")
+    try:
+        box.run("sh", "-c", "printf 'local:\\n  mailbox: mbox\\n' >> /etc/mailgrave/mailgrave.yaml")
+        box.run("mailgrave", "check")
+        restart_local(box)
+        qids.append(sendmail(box, "bob", "carol", body="to carol's mbox\n"))
+        text = wait_file(box, "/var/mail/carol", "to carol's mbox")
+        assert text.startswith("From ") and f"Delivered-To: carol@{MAILNAME}" in text, text
+        owner = box.run("stat", "-c", "%U:%G", "/var/mail/carol").stdout.strip()
+        assert owner == "carol:mail", owner
+        assert not box.run("test", "-e", "/home/carol/Maildir", check=False).returncode == 0
+    finally:
+        box.run("mv", "/etc/mailgrave/mailgrave.yaml.orig", "/etc/mailgrave/mailgrave.yaml")
+        restart_local(box)
+    # Nothing failed on the way: no traceback, no internal error, none of them left queued.
+    local_log = journal(box, "-t", "mailgrave-local")
+    assert "Traceback" not in local_log and "internal error" not in local_log, local_log
+    listing = box.run("mailgrave", "queue").stdout
+    assert not [qid for qid in qids if qid in listing], listing
+
+
 def test_per_connection_instances_come_and_go(box: Container) -> None:
     deadline = time.monotonic() + 20
     while True:
@@ -237,8 +334,6 @@ def test_busy_site_alternative_listen_fds(box: Container) -> None:
 
 
 def test_remote_delivery_through_a_route_to_a_sink_on_the_host(box: Container) -> None:
-    if not (ROOT / "mailgrave" / "programs" / "remote.py").exists():
-        pytest.skip("mailgrave-remote is not written yet")
     from aiosmtpd.controller import Controller
 
     from tests.conftest import free_port
@@ -283,6 +378,46 @@ def test_remote_delivery_through_a_route_to_a_sink_on_the_host(box: Container) -
 def test_no_failed_units(box: Container) -> None:
     failed = box.run("systemctl", "--failed", "--plain", "--no-legend").stdout.strip()
     assert not failed, failed + "\n" + mailgrave_journal(box)
+
+
+def documented_scores(doc: str, release: str) -> tuple[str, dict[str, tuple[str, str]]]:
+    """The `systemd-analyze security` table of docs/security.md: the column header for
+    ``release`` and unit -> (exposure, rating) in that column."""
+    lines = [line for line in doc.splitlines() if line.startswith("| ")]
+    header = next(line for line in lines if line.startswith("| unit |"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    column = next(i for i, c in enumerate(cells) if f"({release}" in c)
+    scores: dict[str, tuple[str, str]] = {}
+    for line in lines:
+        row = [c.strip() for c in line.strip("|").split("|")]
+        m = re.match(r"`([\w@.-]+\.service)`", row[0])
+        if m and len(row) > column:
+            cell = re.match(r"\*\*(\d+\.\d+)\*\* (\w+)", row[column])
+            assert cell, f"docs/security.md: no score for {m.group(1)} in {cells[column]!r}"
+            scores[m.group(1)] = (cell.group(1), cell.group(2))
+    return cells[column], scores
+
+
+def test_security_scores_are_the_ones_docs_security_md_states(box: Container) -> None:
+    version = box.run("systemctl", "--version").stdout.split()[1]
+    measured: dict[str, tuple[str, str]] = {}
+    for unit in SERVICES:
+        out = box.run("systemd-analyze", "security", "--no-pager", unit).stdout
+        m = SCORE_RE.search(out)
+        # A template is scored as an instance of itself (mailgrave@test_instance.service).
+        assert m and m.group(1).startswith(unit.split("@")[0]), out[-500:]
+        measured[unit] = (m.group(2), m.group(3))
+        assert float(m.group(2)) <= 2.0, f"{unit}: exposure {m.group(2)}\n{out}"
+    table = "\n".join(f"{u}: {s} {r}" for u, (s, r) in measured.items())
+    print(f"systemd-analyze security on {box.release} (systemd {version}):\n{table}")
+    header, documented = documented_scores(SECURITY_DOC.read_text(), box.release)
+    assert f"systemd {version}" in header, (
+        f"docs/security.md's {box.release} column says {header!r}, the container runs "
+        f"systemd {version}"
+    )
+    assert documented == measured, (
+        f"docs/security.md states {documented} for {box.release}; measured:\n{table}"
+    )
 
 
 def test_reinstall_keeps_queued_mail(box: Container) -> None:

@@ -89,10 +89,22 @@ def test_unit_documents_itself_and_runs_as_its_own_user(unit: Path) -> None:
     if unit.suffix == ".service":
         assert "NoNewPrivileges=yes" in text and "ProtectSystem=strict" in text
         assert "SystemCallFilter=" in text and "RestrictAddressFamilies=" in text
-        user = re.search(r"^User=(\S+)", text, re.M)
-        assert user, "no User="
+        user = _unit_user(unit)
         sysusers = (ROOT / "packaging" / "sysusers.d" / "mailgrave.conf").read_text()
-        assert user.group(1) == "root" or f"u     {user.group(1)} " in sysusers
+        assert user == "root" or f"u     {user} " in sysusers
+
+
+def _unit_user(unit: Path) -> str:
+    """The user a service runs as.  mailgrave-local runs as root by having no User= line:
+    with User= (even root) and seccomp, systemd >= 255 drops CAP_SETUID before exec and
+    NoNewPrivileges=yes keeps it dropped (docs/security.md).  Every other service names its
+    own user."""
+    user = re.search(r"^User=(\S+)", unit.read_text(), re.M)
+    if unit.name == "mailgrave-local.service":
+        assert user is None, "User= in mailgrave-local.service: setuid() fails on systemd >= 255"
+        return "root"
+    assert user, "no User="
+    return user.group(1)
 
 
 def test_tmpfiles_creates_every_spool_directory_for_the_queue() -> None:
@@ -116,13 +128,12 @@ def test_control_sockets_match_the_configured_run_dir() -> None:
 @pytest.mark.parametrize("unit", [u for u in UNITS if u.suffix == ".service"], ids=lambda p: p.name)
 def test_each_service_may_write_its_users_config_cache(unit: Path) -> None:
     """The compiled config cache: a directory per user from tmpfiles, writable in the unit."""
-    user = re.search(r"^User=(\S+)", unit.read_text(), re.M)
-    assert user
-    path = f"{configmod.CACHE_ROOT}/{user.group(1)}"
+    user = _unit_user(unit)
+    path = f"{configmod.CACHE_ROOT}/{user}"
     assert f"ReadWritePaths=-{path}\n" in unit.read_text()
     tmpfiles = (ROOT / "packaging" / "tmpfiles.d" / "mailgrave.conf").read_text()
     line = re.search(rf"^d\s+{re.escape(path)}\s+(\S+)\s+(\S+)\s+(\S+)", tmpfiles, re.M)
-    assert line and line.groups() == ("0700", user.group(1), user.group(1))
+    assert line and line.groups() == ("0700", user, user)
 
 
 def test_the_smtpd_launcher_is_rendered_completely_by_the_deb_and_the_venv() -> None:
@@ -134,3 +145,25 @@ def test_the_smtpd_launcher_is_rendered_completely_by_the_deb_and_the_venv() -> 
     for text in (rules, makefile):
         assert all(f"s|{p}|" in text for p in placeholders)
     assert "s|@FLAGS@|-IS|" in rules and "usr/bin/mailgrave-smtpd" in rules
+
+
+def test_the_mirror_comes_from_apt_sources_and_no_host_is_named_in_the_tree() -> None:
+    from tests.system.container import mirror_from_sources
+
+    deb822 = (
+        "Types: deb\n# a comment\nURIs: http://mirror.invalid/debian http://other.invalid/d\n"
+        "Suites: bookworm\n\nTypes: deb\nURIs: http://security.invalid/debian-security\n"
+    )
+    assert mirror_from_sources(deb822, None) == "http://mirror.invalid/debian"
+    one_line = (
+        "# deb http://commented.invalid/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://list.invalid/debian bookworm main\n"
+    )
+    assert mirror_from_sources(None, one_line) == "http://list.invalid/debian"
+    assert mirror_from_sources("Types: deb\n", "deb http://x.invalid/d trixie main") == (
+        "http://x.invalid/d"
+    )
+    with pytest.raises(RuntimeError):
+        mirror_from_sources(None, None)
+    text = (ROOT / "tests" / "system" / "container.py").read_text()
+    assert not re.search(r"https?://", text), "container.py names a host: read apt's sources"
