@@ -42,7 +42,7 @@ $(VENV)/.deps-stamp: Makefile
 venv: $(VENV)/.venv-stamp
 $(VENV)/.venv-stamp: pyproject.toml packaging/bin/mailgrave-smtpd.in $(VENV)/.deps-stamp
 	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e . ruff mypy
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e . ruff mypy import-linter
 	# As the .deb does: mailgrave-smtpd (started per connection) through the
 	# python -S launcher (-S only: the bench's --source still uses PYTHONPATH).
 	sed -e 's|@PYTHON@|$(CURDIR)/$(BIN)/python|' -e 's|@FLAGS@|-S|' -e 's|@PKGDIR@|$(CURDIR)|' \
@@ -57,6 +57,9 @@ lint: venv
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
 	$(BIN)/mypy
+	# The package's structure (.importlinter): no stage imports another stage,
+	# the floor imports no stage.
+	$(BIN)/lint-imports --no-cache
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit

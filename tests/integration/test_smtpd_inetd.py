@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import mailgrave
+from mailgrave.smtpd import IMPORT_BUDGET
 from tests.conftest import Instance, Processes, free_port, program, wait_for
 
 PACKAGE_ROOT = str(Path(mailgrave.__file__).resolve().parent.parent)
@@ -122,6 +123,11 @@ def test_a_session_queues_mail_without_the_heavy_imports(relaying: Instance) -> 
     assert any(m.startswith("mailgrave.") for m in modules)  # the report is real
     imported = {m: why for m, why in NOT_IMPORTED.items() if m in modules}
     assert not imported, f"imported on the per-connection path: {imported}"
+    assert modules <= IMPORT_BUDGET, (
+        f"not in mailgrave.smtpd.IMPORT_BUDGET: {modules - IMPORT_BUDGET}"
+    )
+    # Growing the budget is a decision about every connection's cost: make it here too.
+    assert len(IMPORT_BUDGET) == 25
 
 
 def test_an_edited_config_is_seen_by_the_next_connection(instance: Instance) -> None:
