@@ -17,9 +17,22 @@ unreadable, corrupt) means the YAML is parsed again. See mailgrave.yaml(5).
 
 from __future__ import annotations
 
+import _socket
+import marshal
 import os
+import pwd
+import stat
+import sys
+import zlib
 
+from mailgrave import __version__
+from mailgrave.address import AddressError, to_ascii_domain
+from mailgrave.fileio import replace_file
 from mailgrave.record import Record, field, record, section, specs
+
+# re, ipaddress, socket and yaml are imported only where the YAML is parsed:
+# with the compiled cache, a mailgrave-smtpd started per connection needs
+# none of them (mailgrave.smtpd.IMPORT_BUDGET).
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -156,8 +169,6 @@ def _network(value: object) -> str:
 
 
 def _domain(value: object) -> str:
-    from mailgrave.address import AddressError, to_ascii_domain
-
     try:
         return to_ascii_domain(_nonempty_str(value))
     except AddressError as exc:
@@ -328,8 +339,6 @@ def _ip_bits(ip: str) -> tuple[int, int] | None:
 
     With inet_pton rather than :mod:`ipaddress`, whose import the smtpd path avoids.
     """
-    import _socket
-
     try:
         return 32, int.from_bytes(_socket.inet_pton(_socket.AF_INET, ip), "big")
     except (OSError, ValueError):  # ValueError: a NUL in the text
@@ -349,8 +358,6 @@ def _net_bits(net: str) -> tuple[int, int, int]:
     bits = _ip_bits(addr)
     if bits is None or (":" in addr and bits[0] == 32):
         # ::ffff:a.b.c.d/n: compare as IPv6, as ipaddress would.
-        import _socket
-
         bits = 128, int.from_bytes(_socket.inet_pton(_socket.AF_INET6, addr), "big")
     width, value = bits
     return width, value, int(plen) if plen else width
@@ -458,8 +465,6 @@ _CACHE_MAGIC = b"MGc1"
 
 def cache_dir() -> str | None:
     """This user's cache directory, ``CACHE_ROOT/USER``, or None without a user name."""
-    import pwd
-
     try:
         name = pwd.getpwuid(os.geteuid()).pw_name
     except (KeyError, OSError):
@@ -471,8 +476,6 @@ def cache_dir() -> str | None:
 
 def _cache_key(path: str, st: os.stat_result) -> tuple[Any, ...]:
     """What a cache must match: the file (path, identity, size, times) and this code."""
-    from mailgrave import __version__
-
     code = os.stat(__file__)
     return (
         _CACHE_FORMAT,
@@ -490,8 +493,6 @@ def _cache_key(path: str, st: os.stat_result) -> tuple[Any, ...]:
 
 def _trusted(st: os.stat_result) -> bool:
     """Owned by this user or by root, a regular file, and nobody else may write it."""
-    import stat
-
     return (
         stat.S_ISREG(st.st_mode)
         and st.st_uid in (0, os.geteuid())
@@ -517,9 +518,6 @@ def read_cache(key: tuple[Any, ...], directory: str | None) -> dict[str, Any] | 
         return None
     finally:
         os.close(fd)
-    import marshal
-    import zlib
-
     data = b"".join(chunks)
     payload = data[8:]
     # The checksum keeps a torn or damaged file away from marshal, which is only
@@ -547,11 +545,6 @@ def write_cache(
     (the package creates them). Failures only cost the next start a parse.
     ``owner`` (root only): the uid and gid the file is given.
     """
-    import marshal
-    import zlib
-
-    from mailgrave.fileio import replace_file
-
     if directory is None:
         return False
     if os.geteuid() == 0 and directory.startswith(CACHE_ROOT + "/"):
@@ -676,8 +669,6 @@ def refresh_caches(path: str) -> list[str]:
 
 def load_or_exit(path: str | None, prog: str, status: int = 111) -> Config:
     """:func:`load` for a program's start: each problem on one line of stderr, then exit."""
-    import sys
-
     try:
         return load(path)
     except ConfigError as exc:

@@ -17,6 +17,7 @@ SYSLOG_IDENTIFIER, SYSLOG_PID and the record's fields.
 
 from __future__ import annotations
 
+import _socket
 import os
 import sys
 
@@ -66,15 +67,13 @@ def _journal_field(key: str, value: str) -> bytes:
 
 
 def _send_journal(sock: object, fields: Mapping[str, str]) -> bool:
-    import _socket
-
     assert isinstance(sock, _socket.socket)
     data = b"".join(_journal_field(k, v) for k, v in fields.items())
     try:
         sock.sendto(data, JOURNAL_SOCKET)
         return True
     except OSError as exc:
-        import errno
+        import errno  # here and below: only for a record too big for a datagram
 
         if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
             return False
@@ -125,7 +124,7 @@ def emit(level: int, message: str, fields: Mapping[str, object] | None = None) -
 def _format(msg: object, args: tuple[object, ...], exc_info: bool) -> str:
     text = str(msg) % args if args else str(msg)
     if exc_info and sys.exc_info()[0] is not None:
-        import traceback
+        import traceback  # only when there is an exception to show
 
         text += "\n" + "".join(traceback.format_exc()).rstrip("\n")
     return text
@@ -210,8 +209,6 @@ def _journal_socket() -> object | None:
         return None
     if not os.path.exists(JOURNAL_SOCKET):
         return None
-    import _socket
-
     try:
         return _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
     except OSError:
@@ -237,7 +234,7 @@ def setup(program: str, debug: bool = False, stdlib: bool = True) -> None:
 
 
 def _route_stdlib(debug: bool) -> None:
-    import logging
+    import logging  # for libraries that log with it; MailGrave's own code does not
 
     class Bridge(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:

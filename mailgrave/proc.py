@@ -4,6 +4,7 @@ with no connection (systemd starts the service again on the next one)."""
 
 from __future__ import annotations
 
+import os
 import queue
 import selectors
 import socket
@@ -115,8 +116,6 @@ def serve_threads(
 
 def bind_unix(path: str, mode: int, backlog: int = 256) -> socket.socket:
     """A listening Unix stream socket at ``path`` (replacing a stale one) with ``mode``."""
-    import os
-
     try:
         os.unlink(path)
     except FileNotFoundError:

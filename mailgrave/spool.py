@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -143,8 +144,6 @@ def scratch_entry(source: BinaryIO, envelope: bytes) -> int:
     """A message given by hand to mailgrave-local or mailgrave-remote, as a spool
     file: an unlinked temporary file with the header, then the message from
     ``source`` with LF line ends. Returns its descriptor (closed at exit)."""
-    import tempfile
-
     tmp = tempfile.TemporaryFile()  # noqa: SIM115 - the caller owns the descriptor
     fd = os.dup(tmp.fileno())
     tmp.close()

@@ -10,12 +10,14 @@ SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import selectors
 import signal
 import socket
 import sys
 import time
+from importlib.util import find_spec
 
 from mailgrave import log as logmod
 from mailgrave.config import Config
@@ -83,8 +85,6 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # child
             try:
-                import fcntl
-
                 # Move every listener out of the way first, then to 3, 4, ...
                 high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 512) for s in listeners]
                 for i, fd in enumerate(high):
@@ -223,8 +223,6 @@ class Supervisor:
 
 def _installed(module: str) -> bool:
     """Is this stage's program present? A missing one is not started (a unit not installed)."""
-    from importlib.util import find_spec
-
     return find_spec(module) is not None
 
 

@@ -14,6 +14,9 @@ import os
 import random
 from typing import Any
 
+import dns.exception
+import dns.resolver
+
 from mailgrave.config import Config
 from mailgrave.errors import PermFail, TempFail
 from mailgrave.record import Record, record
@@ -62,11 +65,9 @@ def smarthost_password(config: Config) -> str:
 
 
 class Resolver:
-    """DNS look-ups for delivery, with the configured nameservers (dnspython, imported lazily)."""
+    """DNS look-ups for delivery, with the configured nameservers (dnspython)."""
 
     def __init__(self, config: Config) -> None:
-        import dns.resolver
-
         dnsconf = config.remote.dns
         if dnsconf.nameservers:
             res = dns.resolver.Resolver(configure=False)
@@ -81,9 +82,6 @@ class Resolver:
 
     def _query(self, name: str, rdtype: str) -> list[Any] | None:
         """Records, or None for "no such record"; NXDOMAIN → PermFail; failures → TempFail."""
-        import dns.exception
-        import dns.resolver
-
         try:
             return list(self.resolver.resolve(name, rdtype, search=False))
         except dns.resolver.NXDOMAIN:

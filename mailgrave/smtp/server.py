@@ -14,6 +14,7 @@ sockets.
 from __future__ import annotations
 
 from mailgrave import address
+from mailgrave.log import quote
 from mailgrave.record import Record, record
 from mailgrave.smtp import replies as R
 from mailgrave.smtp.replies import Reply
@@ -412,8 +413,6 @@ class Server:
             return False
         raw = bytes(buf[: end + 1])
         del buf[: end + 1]
-        from mailgrave.log import quote
-
         if raw.startswith(b"\x00TOOLONG") or len(raw) > MAX_LINE:
             self._error(R.LINE_TOO_LONG, "command", "line too long")
             return True
