@@ -21,7 +21,7 @@ from importlib.util import find_spec
 
 from mailgrave import log as logmod
 from mailgrave.config import Config
-from mailgrave.proc import bind_unix
+from mailgrave.proc import Children, bind_unix
 from mailgrave.record import Record, factory, record
 from mailgrave.spool import Spool
 
@@ -65,6 +65,7 @@ class Supervisor:
         self.retry_interval = retry_interval
         self.stopping = False
         self.send_pid = 0
+        self.children = Children()
         self.last_send = 0.0
         self.last_todo: frozenset[str] = frozenset()
         cfg = ["--config", config.path]
@@ -81,25 +82,26 @@ class Supervisor:
                 Service("smtpd", "mailgrave.smtpd", [bind_tcp(s) for s in listen], cfg)
             )
 
-    def spawn(self, module: str, args: list[str], listeners: list[socket.socket]) -> int:
-        pid = os.fork()
-        if pid == 0:  # child
-            try:
-                # Move every listener out of the way first, then to 3, 4, ...
-                high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 512) for s in listeners]
-                for i, fd in enumerate(high):
-                    os.dup2(fd, 3 + i, inheritable=True)
-                os.closerange(3 + len(listeners), 1024)
-                env = dict(os.environ)
-                if listeners:
-                    env["LISTEN_FDS"] = str(len(listeners))
-                    env["LISTEN_PID"] = str(os.getpid())
-                # -P: never import from the current directory (python -m would).
-                argv = [sys.executable, "-P", "-m", module, *args]
-                os.execve(sys.executable, argv, env)
-            finally:
-                os._exit(127)
-        return pid
+    def spawn(
+        self, tag: object, module: str, args: list[str], listeners: list[socket.socket]
+    ) -> int:
+        """Start ``python -m module args`` with ``listeners`` as fds 3, 4, ... (LISTEN_FDS)."""
+
+        def exec_stage() -> None:
+            # Move every listener out of the way first, then to 3, 4, ...
+            high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 512) for s in listeners]
+            for i, fd in enumerate(high):
+                os.dup2(fd, 3 + i, inheritable=True)
+            os.closerange(3 + len(listeners), 1024)
+            env = dict(os.environ)
+            if listeners:
+                env["LISTEN_FDS"] = str(len(listeners))
+                env["LISTEN_PID"] = str(os.getpid())
+            # -P: never import from the current directory (python -m would).
+            argv = [sys.executable, "-P", "-m", module, *args]
+            os.execve(sys.executable, argv, env)
+
+        return self.children.fork(tag, exec_stage)
 
     def _may_start(self, svc: Service) -> bool:
         """A start limit: after START_BURST failures within START_INTERVAL seconds, rest."""
@@ -114,25 +116,17 @@ class Supervisor:
         return True
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            code = os.waitstatus_to_exitcode(status)
-            if pid == self.send_pid:
+        for _pid, tag, code in self.children.reap():
+            if tag == "send":
                 self.send_pid = 0
                 if code != 0:
                     log.warning("mailgrave-send exited with %s", code)
                 continue
-            for svc in self.services:
-                if svc.pid == pid:
-                    svc.pid = 0
-                    if code != 0:
-                        svc.recent.append(time.monotonic())
-                        log.warning("mailgrave-%s exited with %s", svc.name, code)
+            assert isinstance(tag, Service)
+            tag.pid = 0
+            if code != 0:
+                tag.recent.append(time.monotonic())
+                log.warning("mailgrave-%s exited with %s", tag.name, code)
 
     def send_due(self) -> bool:
         if self.send_pid:
@@ -170,7 +164,7 @@ class Supervisor:
                 for key, _ in sel.select(timeout=SEND_POLL):
                     svc = key.data
                     if not svc.pid and self._may_start(svc):
-                        svc.pid = self.spawn(svc.module, svc.extra_args, svc.listeners)
+                        svc.pid = self.spawn(svc, svc.module, svc.extra_args, svc.listeners)
                     for sock in svc.listeners:
                         sel.unregister(sock)
                 self.reap()
@@ -181,36 +175,14 @@ class Supervisor:
                             sel.register(sock, selectors.EVENT_READ, svc)
                 if self.send_due():
                     self.last_send = time.monotonic()
-                    self.send_pid = self.spawn("mailgrave.send", ["--config", self.config.path], [])
+                    args = ["--config", self.config.path]
+                    self.send_pid = self.spawn("send", "mailgrave.send", args, [])
         finally:
             self.shutdown()
         return 0
 
     def shutdown(self) -> None:
-        pids = [svc.pid for svc in self.services if svc.pid] + (
-            [self.send_pid] if self.send_pid else []
-        )
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        for pid in pids:
-            while time.monotonic() < deadline:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                time.sleep(0.05)
-            else:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                except (ProcessLookupError, ChildProcessError):
-                    pass
+        self.children.stop(timeout=10)
         for svc in self.services:
             for sock in svc.listeners:
                 if sock.family == socket.AF_UNIX:

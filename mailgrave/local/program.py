@@ -17,11 +17,9 @@ import grp
 import os
 import pwd
 import select
-import signal
 import socket
 import stat
 import sys
-import time
 
 from mailgrave import config as configmod
 from mailgrave import ctrl, maillog
@@ -41,6 +39,7 @@ from mailgrave.errors import (
     exit_for,
 )
 from mailgrave.local import mailbox
+from mailgrave.proc import serve_forks
 from mailgrave.recipients import Router, Target, parse_alias_items
 from mailgrave.sd import listen_fds, stdin_socket
 from mailgrave.spool import blocks, scratch_entry
@@ -411,46 +410,17 @@ def _serve_requests(config: Config, sock: socket.socket) -> None:
 
 def serve(config: Config, listeners: list[socket.socket], idle_exit: float) -> int:
     """Warm parent: accept, fork a worker per connection, reap, exit when idle."""
-    workers: set[int] = set()
-    last = time.monotonic()
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    while True:
+
+    def worker(conn: socket.socket) -> None:
         try:
-            ready, _, _ = select.select(listeners, [], [], 1.0)
-        except InterruptedError:
-            ready = []
-        for listener in ready:
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue
-            pid = os.fork()
-            if pid == 0:
-                for s in listeners:
-                    s.close()
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                try:
-                    serve_connection(config, conn)
-                except (BrokenPipeError, ConnectionResetError):
-                    log.info("mailgrave-send went away before reading every result")
-                except Exception:
-                    log.exception("local.ctrl connection failed")
-                os._exit(0)
-            conn.close()
-            workers.add(pid)
-            last = time.monotonic()
-        while workers:
-            try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                workers.clear()
-                break
-            if pid == 0:
-                break
-            workers.discard(pid)
-            last = time.monotonic()
-        if not workers and idle_exit > 0 and time.monotonic() - last >= idle_exit:
-            return EXIT_OK
+            serve_connection(config, conn)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("mailgrave-send went away before reading every result")
+        except Exception:
+            log.exception("local.ctrl connection failed")
+
+    serve_forks(listeners, worker, idle_exit)
+    return EXIT_OK
 
 
 def by_hand(config: Config, sender: str, qid: str, rcpts: list[str]) -> int:
