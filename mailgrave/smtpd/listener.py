@@ -10,13 +10,12 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable
-from typing import NoReturn
 
 from mailgrave import config as configmod
 from mailgrave import log as mglog
 from mailgrave import maillog
-from mailgrave.errors import EXIT_OK, EXIT_TEMP
+from mailgrave.errors import EXIT_OK
+from mailgrave.proc import run_and_exit
 from mailgrave.smtp import replies as R
 from mailgrave.smtpd.session import READ_SIZE, Channel, Session, _plain_ip, serve_connection
 
@@ -139,7 +138,7 @@ class Listener:
                 conn = socket.socket(fileno=fds[0])
                 serve_connection(self.config, conn, data.decode("ascii", "replace"))
 
-        _serve_and_exit(wait_and_serve)
+        run_and_exit(wait_and_serve)
 
     def _hand_to_spare(self, conn: socket.socket, ip: str) -> bool:
         while self.spares:
@@ -185,7 +184,7 @@ class Listener:
             return
         pid = self._fork()
         if pid == 0:
-            _serve_and_exit(lambda: serve_connection(self.config, conn, ip))
+            run_and_exit(lambda: serve_connection(self.config, conn, ip))
         self.children[pid] = ip
         conn.close()
 
@@ -219,19 +218,6 @@ def _warm_up(config: configmod.Config) -> None:
                 ours.recv(READ_SIZE)
     except Exception as exc:  # only an optimisation: never a reason not to serve
         log.debug("warm-up session failed: %s", type(exc).__name__)
-
-
-def _serve_and_exit(session: Callable[[], None]) -> NoReturn:
-    """In a child: run the session, then leave without the interpreter's teardown."""
-    code = 0
-    try:
-        session()
-    except BaseException:
-        log.exception("session failed")
-        code = EXIT_TEMP
-    finally:
-        mglog.shutdown()
-        os._exit(code)
 
 
 def bind(addr: str, port: int) -> socket.socket:
