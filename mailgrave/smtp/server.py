@@ -360,8 +360,11 @@ class Server:
 
     @property
     def proto(self) -> str:
+        """The Received: ``with`` protocol; RFC 6531 §3.7.3: UTF8SMTP(S) for SMTPUTF8."""
         if not self.esmtp:
             return "SMTP"
+        if self.utf8:
+            return "UTF8SMTPS" if self.tls else "UTF8SMTP"
         return "ESMTPS" if self.tls else "ESMTP"
 
     # --- internals
