@@ -18,6 +18,7 @@ from tests.integration.test_remote_delivery import start_peer
 from tests.integration.test_smtpd import recv_reply, swaks
 
 UTF8_USER = "jörg@bücher.example"
+LIE = 5 * 1024 * 1024 + 1000  # a chunk over the 5M limit
 
 
 class Chain:
@@ -40,7 +41,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
         peer = start_peer(procs, base)  # no SMTPUTF8 offered
         inst = Instance(
             base,
-            smtpd={"max_message_size": "100K", "timeout": "5s"},
+            smtpd={"max_message_size": "5M", "timeout": "5s"},
             local={
                 "virtual": {
                     # a UTF-8 local part and an IDN domain, written as people write them
@@ -120,11 +121,11 @@ def test_bdat_hostile_cases(chain: Chain) -> None:
             b"MAIL FROM:<s@client.test>\r\n"
             + b"BDAT %d\r\n" % len(smuggled)
             + smuggled
-            # over the 100K limit: 552 after reading all of it
+            # over the 5M limit: 552 after reading all of it
             + b"MAIL FROM:<s@client.test>\r\nRCPT TO:<alice@example.org>\r\n"
             + b"BDAT 4\r\nab\r\n"
-            + b"BDAT 200000\r\n"
-            + (smuggled * 4000)[:200000]
+            + b"BDAT %d\r\n" % LIE
+            + (smuggled * (LIE // len(smuggled) + 1))[:LIE]
             + b"NOOP\r\n",
             7,
         )
@@ -212,3 +213,42 @@ def test_virtual_keys_are_normalised(tmp_path: Path) -> None:
     c = config.parse_text("local:\n  virtual: {Jörg@Bücher.Example: /x/}\n")
     assert dict(c.local.virtual) == {"jörg@xn--bcher-kva.example": "/x/"}
     assert c.is_local_domain("xn--bcher-kva.example")
+
+
+def test_remote_client_sends_bdat_to_mailgrave_smtpd(chain: Chain) -> None:
+    """mailgrave-remote's client against a real mailgrave-smtpd: BDAT (CHUNKING offered)
+    and DATA give the same message in the Maildir; the time each took is printed
+    (``pytest -s``) for docs/performance.md."""
+    import time
+
+    from mailgrave.remote.client import Client, Timeouts, wire_format
+
+    text = b"Subject: by BDAT\n\n" + b"".join(
+        b".%06d a line that begins with a dot and some text after it\n" % i for i in range(60000)
+    )
+    assert len(text) > 3 * 1024 * 1024
+    before = len(chain.inst.messages("alice"))
+    took = {}
+    for mode in ("BDAT", "DATA"):
+        sock = socket.create_connection(("127.0.0.1", chain.port), timeout=10)
+        client = Client(sock, "mx", Timeouts())
+        client.greet("client.test")
+        assert "CHUNKING" in client.extensions
+        start = time.perf_counter()
+        [result] = client.deliver(
+            "s@client.test",
+            ["alice@example.org"],
+            wire_format(iter([text])),
+            len(text),
+            False,
+            chunks=wire_format(iter([text]), dot_stuff=False) if mode == "BDAT" else None,
+        )
+        took[mode] = time.perf_counter() - start
+        client.quit()
+        assert result.code == "K", result
+        assert any(line.startswith(">>> BDAT") for line in client.transcript) == (mode == "BDAT")
+    print(f"\n3.6 MB to mailgrave-smtpd: BDAT {took['BDAT']:.3f}s, DATA {took['DATA']:.3f}s")
+    wait_for(lambda: len(chain.inst.messages("alice")) >= before + 2)
+    bdat, data = chain.inst.messages("alice")[-2:]
+    assert bdat.endswith(text[-2000:]) and data.endswith(text[-2000:])
+    assert bdat.split(b"\n\n", 1)[1] == data.split(b"\n\n", 1)[1] == text.split(b"\n\n", 1)[1]
