@@ -252,3 +252,11 @@ def test_remote_client_sends_bdat_to_mailgrave_smtpd(chain: Chain) -> None:
     bdat, data = chain.inst.messages("alice")[-2:]
     assert bdat.endswith(text[-2000:]) and data.endswith(text[-2000:])
     assert bdat.split(b"\n\n", 1)[1] == data.split(b"\n\n", 1)[1] == text.split(b"\n\n", 1)[1]
+
+
+def test_mailgrave_check_names_a_bad_virtual_key(tmp_path: Path) -> None:
+    inst = Instance(tmp_path, local={"virtual": {"no-domain": "/x/"}})
+    res = inst.run("mailgrave", "check")
+    assert res.returncode != 0
+    assert b"local.virtual" in res.stdout + res.stderr
+    assert b"expected local@domain" in res.stdout + res.stderr
