@@ -305,6 +305,13 @@ class Remote(Record):
 
 
 @record
+class Checks(Record):
+    # Sender authentication on receipt (mailgrave-smtpd, clients outside
+    # relay_networks): record adds Authentication-Results:, enforce also refuses.
+    spf: str = _opt(_choice("off", "record", "enforce"), "record")
+
+
+@record
 class Config(Record):
     path: str = ""
     hostname: str = _opt(_domain, "")
@@ -317,6 +324,7 @@ class Config(Record):
     local: Local = _section(Local)
     queue: Queue = _section(Queue)
     remote: Remote = _section(Remote)
+    checks: Checks = _section(Checks)
 
     def is_local_domain(self, domain: str) -> bool:
         """local_domains, the hostname, localhost, and every domain of a virtual mailbox."""

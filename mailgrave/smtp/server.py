@@ -45,6 +45,9 @@ class Policy(Protocol):
 
     def may_relay(self) -> bool: ...
 
+    # Optional: ``check_mail(helo, sender)`` -> a refusal Reply or None (sender
+    # authentication, e.g. SPF); looked up with getattr, a policy may lack it.
+
 
 # --- events
 
@@ -580,6 +583,11 @@ class Server:
                 sender = str(path)
         except PathError as exc:
             return exc.reply
+        check_mail = getattr(self.policy, "check_mail", None)
+        if check_mail is not None:
+            refusal = check_mail(self.helo, sender)
+            if refusal is not None:
+                return refusal  # type: ignore[no-any-return]
         self.sender, self.utf8, self.recipients = sender, utf8, []
         return R.OK
 
