@@ -143,14 +143,16 @@ def _list(item: Callable[[object], Any]) -> Callable[[object], tuple[Any, ...]]:
     return convert
 
 
-def _mapping(item: Callable[[object], Any]) -> Callable[[object], Mapping[str, Any]]:
+def _mapping(
+    item: Callable[[object], Any], key: Callable[[object], str] | None = None
+) -> Callable[[object], Mapping[str, Any]]:
     def convert(value: object) -> Mapping[str, Any]:
         if not isinstance(value, dict):
             raise _Bad(f"expected a mapping, got {_quote(value)}")
         out = {}
         for k, v in value.items():
             try:
-                out[_str(k).lower()] = item(v)
+                out[key(k) if key else _str(k).lower()] = item(v)
             except _Bad as exc:
                 raise _Bad(f"{k}: {exc}") from None
         return _FrozenDict(out)
@@ -171,6 +173,21 @@ def _network(value: object) -> str:
 def _domain(value: object) -> str:
     try:
         return to_ascii_domain(_nonempty_str(value))
+    except AddressError as exc:
+        raise _Bad(f"{exc}: {_quote(value)}") from None
+
+
+def _mailbox(value: object) -> str:
+    """An address as the envelope carries it: the local part lower-cased (it may be
+    UTF-8, RFC 6531), the domain in lower-case A-labels (``bücher.example`` →
+    ``xn--bcher-kva.example``)."""
+    from mailgrave.address import AddressError, to_ascii_domain
+
+    local, at, domain = _nonempty_str(value).rpartition("@")
+    if not at or not local:
+        raise _Bad(f"expected local@domain, got {_quote(value)}")
+    try:
+        return f"{local.lower()}@{to_ascii_domain(domain)}"
     except AddressError as exc:
         raise _Bad(f"{exc}: {_quote(value)}") from None
 
@@ -248,7 +265,7 @@ class Local(Record):
     aliases: str = _opt(_str, "/etc/aliases")
     recipient_delimiter: str = _opt(_str, "+")
     forward: bool = _opt(_bool, True)
-    virtual: Mapping[str, str] = _opt(_mapping(_nonempty_str), _FrozenDict())
+    virtual: Mapping[str, str] = _opt(_mapping(_nonempty_str, _mailbox), _FrozenDict())
     virtual_user: str = _opt(_nonempty_str, "mail")
     default_user: str = _opt(_nonempty_str, "nobody")
     root_mailbox: str = _opt(_nonempty_str, "/var/mail/root")
@@ -299,6 +316,13 @@ class Remote(Record):
 
 
 @record
+class Checks(Record):
+    # Sender authentication on receipt (mailgrave-smtpd, clients outside
+    # relay_networks): record adds Authentication-Results:, enforce also refuses.
+    spf: str = _opt(_choice("off", "record", "enforce"), "record")
+
+
+@record
 class Config(Record):
     path: str = ""
     hostname: str = _opt(_domain, "")
@@ -311,6 +335,7 @@ class Config(Record):
     local: Local = _section(Local)
     queue: Queue = _section(Queue)
     remote: Remote = _section(Remote)
+    checks: Checks = _section(Checks)
 
     def is_local_domain(self, domain: str) -> bool:
         """local_domains, the hostname, localhost, and every domain of a virtual mailbox."""

@@ -48,7 +48,12 @@ def received(
         line = f"Received: by {hostname} (MailGrave, {who})\n\tid {qid}"
     if len(envelope.recipients) == 1:
         line += f"\n\tfor <{envelope.recipients[0]}>"
-    return f"{line}; {date}\n".encode("utf-8", "surrogateescape")
+    line += f"; {date}\n"
+    if attrs and attrs.get("authres"):
+        # mailgrave-smtpd's checks (RFC 8601), below this host's Received: line
+        value = "".join(c if c.isprintable() else "?" for c in attrs["authres"])[:900]
+        line += f"Authentication-Results: {value}\n"
+    return line.encode("utf-8", "surrogateescape")
 
 
 def message_id(hostname: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -40,6 +41,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     aliases = config.local.aliases
     if aliases and os.path.exists(aliases) and not os.access(aliases, os.R_OK):
         problems.append(f"{path}: local.aliases: cannot read {aliases}")
+    if config.checks.spf != "off" and importlib.util.find_spec("spf") is None:
+        problems.append(f"{path}: checks.spf: {config.checks.spf} needs python3-spf")
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

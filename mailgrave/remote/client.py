@@ -14,6 +14,9 @@ from mailgrave.smtp.replies import Reply
 
 MAX_REPLY_LINES = 100
 MAX_LINE = 2048
+# BDAT chunk size: big enough that the per-chunk command and reply cost nothing,
+# small enough to keep memory bounded (one chunk is held at a time).
+BDAT_CHUNK = 1024 * 1024
 # a peer's reply goes into result lines, the queue and logs: no control characters
 _PRINTABLE = {c: "?" for c in [*range(32), 127]} | {9: " "}
 
@@ -207,9 +210,14 @@ class Client:
         message: Iterator[bytes],
         size: int,
         needs_smtputf8: bool,
+        chunks: Iterator[bytes] | None = None,
     ) -> list[Result]:
         """One transaction. Returns the result for each recipient; raises SMTPError
-        when the whole transaction failed (then it applies to every recipient)."""
+        when the whole transaction failed (then it applies to every recipient).
+
+        ``message`` is the DATA form (CRLF, dot-stuffed); ``chunks``, when given,
+        the same message in BDAT form (CRLF, not dot-stuffed: ``wire_format(...,
+        dot_stuff=False)``), sent with BDAT when the peer offers CHUNKING."""
         if needs_smtputf8 and "SMTPUTF8" not in self.extensions:
             raise SMTPError(
                 f"{self.name} does not support SMTPUTF8, which this message needs",
@@ -257,6 +265,8 @@ class Client:
             self.reset()
             return [r for r in results if r is not None]
         try:
+            if chunks is not None and "CHUNKING" in self.extensions:
+                return self._bdat(chunks, results)
             return self._data(message, results)
         except SMTPError as exc:
             if all(r is None for r in results):
@@ -290,6 +300,52 @@ class Client:
         done = Result("K", final.enhanced or "2.0.0", str(final), self.name)
         return [r if r is not None else done for r in results]
 
+    def _bdat(self, message: Iterator[bytes], results: list[Result | None]) -> list[Result]:
+        """RFC 3030: the message in chunks of about BDAT_CHUNK octets, the last one
+        with LAST (``BDAT 0 LAST`` for an empty rest). With PIPELINING the chunks
+        go out without waiting; every chunk's reply is read, in order."""
+        pipelined = "PIPELINING" in self.extensions
+        sent = 0  # chunks whose reply is still to be read
+        failure: Reply | None = None
+        buf = bytearray()
+        pieces = iter(message)
+        self.sock.settimeout(self.timeouts.data_block)
+        while True:
+            piece = next(pieces, None)
+            if piece is not None:
+                buf += piece
+                if len(buf) < BDAT_CHUNK:
+                    continue
+            last = piece is None
+            head = f"BDAT {len(buf)}{' LAST' if last else ''}"
+            self.transcript.append(f">>> {head}")
+            try:
+                self.sock.sendall(head.encode() + b"\r\n" + bytes(buf))
+            except TimeoutError:
+                self.broken = True
+                raise SMTPError("timeout while sending the message", "BDAT", False) from None
+            except OSError as exc:
+                self.broken = True
+                raise SMTPError(
+                    f"connection failed while sending the message: {exc.strerror or exc}",
+                    "BDAT",
+                    False,
+                ) from None
+            buf.clear()
+            sent += 1
+            if not pipelined or last:
+                timeout = self.timeouts.data_end if last else self.timeouts.data_block
+                while sent:
+                    reply = self.read_reply(timeout, "BDAT")
+                    sent -= 1
+                    if not reply.ok and failure is None:
+                        failure = reply
+                if failure is not None:
+                    raise self._fail(failure, "BDAT")
+                if last:
+                    done = Result("K", reply.enhanced or "2.0.0", str(reply), self.name)
+                    return [r if r is not None else done for r in results]
+
     def reset(self) -> None:
         try:
             self.command("RSET", "RSET")
@@ -307,9 +363,10 @@ class Client:
             self.sock.close()
 
 
-def wire_format(blocks: Iterator[bytes]) -> Iterator[bytes]:
+def wire_format(blocks: Iterator[bytes], dot_stuff: bool = True) -> Iterator[bytes]:
     """Spool form (LF) → SMTP DATA (CRLF, dot-stuffed), streamed in bounded memory:
-    a long line is passed on in pieces, never collected whole."""
+    a long line is passed on in pieces, never collected whole. ``dot_stuff=False``
+    gives BDAT's form: CRLF, the octets otherwise as they are."""
     start = True  # the next byte begins a line
     held = b""  # a CR at the end of a block, which may be the CR of a CRLF
     for block in blocks:
@@ -321,14 +378,14 @@ def wire_format(blocks: Iterator[bytes]) -> Iterator[bytes]:
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if start and line.startswith(b"."):
+            if dot_stuff and start and line.startswith(b"."):
                 out += b"."
             out += line + b"\r\n"
             start = True
         if last.endswith(b"\r"):
             held, last = b"\r", last[:-1]
         if last:
-            if start and last.startswith(b"."):
+            if dot_stuff and start and last.startswith(b"."):
                 out += b"."
             out += last
             start = False

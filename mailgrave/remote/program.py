@@ -184,7 +184,12 @@ class Delivery:
                             client = self._open(hop, address)
                         start = len(client.transcript)
                         results = client.deliver(
-                            sender, rcpts, wire_format(blocks(fd)), size, needs_utf8
+                            sender,
+                            rcpts,
+                            wire_format(blocks(fd)),
+                            size,
+                            needs_utf8,
+                            chunks=wire_format(blocks(fd), dot_stuff=False),
                         )
                     except SMTPError as exc:
                         if client is not None:

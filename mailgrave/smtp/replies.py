@@ -63,7 +63,9 @@ BYE = Reply(221, "2.0.0", "Bye")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+HELP = Reply(
+    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS"
+)
 
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized")
 EMPTY_COMMAND = Reply(500, "5.5.2", "Empty command")
@@ -80,6 +82,8 @@ SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 BAD_PARAM = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 TLS_UNAVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
 TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
+BDAT_SEQUENCE = Reply(503, "5.5.1", "Only BDAT, RSET, NOOP or QUIT during a BDAT transfer")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]; closing connection")
 
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
 RELAY_DENIED = Reply(554, "5.7.1", "Relaying denied")

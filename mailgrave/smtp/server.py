@@ -46,6 +46,9 @@ class Policy(Protocol):
 
     def may_relay(self) -> bool: ...
 
+    # Optional: ``check_mail(helo, sender)`` -> a refusal Reply or None (sender
+    # authentication, e.g. SPF); looked up with getattr, a policy may lack it.
+
 
 # --- events
 
@@ -129,12 +132,17 @@ class State:
     MAIL = "mail"  # sender given
     RCPT = "rcpt"  # at least one recipient
     DATA = "data"  # reading the message
+    BDAT = "bdat"  # between BDAT chunks of one message (RFC 3030)
+    CHUNK = "chunk"  # reading the octets of one BDAT chunk
     COMMIT = "commit"  # final dot seen; waiting for the queue
     TLS = "tls"  # STARTTLS answered; waiting for the handshake
     CLOSED = "closed"
 
 
 _ANY = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
+_ANY_OR_BDAT = _ANY | {State.BDAT}
+# Between BDAT chunks only these may come (RFC 3030 §3: no DATA, MAIL, RCPT, EHLO, STARTTLS).
+_IN_BDAT = frozenset({"BDAT", "RSET", "NOOP", "QUIT", "HELP"})
 _HELLOED = frozenset({State.READY, State.MAIL, State.RCPT})
 
 # verb -> (states where it is allowed, the reply when it is not, next state on success)
@@ -145,11 +153,13 @@ TRANSITIONS: dict[str, tuple[frozenset[str], Reply, str | None]] = {
     "MAIL": (frozenset({State.READY}), R.NEED_HELO, State.MAIL),
     "RCPT": (frozenset({State.MAIL, State.RCPT}), R.NEED_MAIL, State.RCPT),
     "DATA": (frozenset({State.RCPT}), R.NEED_RCPT, State.DATA),
-    "RSET": (_ANY, R.BAD_SEQUENCE, None),
-    "NOOP": (_ANY, R.BAD_SEQUENCE, None),
+    # BDAT's chunk is read (and discarded) even when the command is refused: see _bdat.
+    "BDAT": (frozenset({State.RCPT, State.BDAT}), R.NEED_RCPT, State.CHUNK),
+    "RSET": (_ANY_OR_BDAT, R.BAD_SEQUENCE, None),
+    "NOOP": (_ANY_OR_BDAT, R.BAD_SEQUENCE, None),
     "VRFY": (_ANY, R.BAD_SEQUENCE, None),
-    "HELP": (_ANY, R.BAD_SEQUENCE, None),
-    "QUIT": (_ANY, R.BAD_SEQUENCE, State.CLOSED),
+    "HELP": (_ANY_OR_BDAT, R.BAD_SEQUENCE, None),
+    "QUIT": (_ANY_OR_BDAT, R.BAD_SEQUENCE, State.CLOSED),
     "STARTTLS": (frozenset({State.CONNECTED, State.READY}), R.BAD_SEQUENCE, State.TLS),
 }
 
@@ -284,6 +294,18 @@ class Server:
         self._data_flaw: Reply | None = None
         self._prev_crlf = True
         self._midline = False
+        # BDAT reading state: octets of the current chunk still to come, whether
+        # it is the LAST one, the reply for a refused chunk that is only
+        # discarded, a CR held back from the previous piece, the current line's
+        # length, and the message's last two octets.
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_refused: Reply | None = None
+        self._chunk_cr = False
+        self._line_len = 0
+        self._tail = b"\r\n"
+        self._chunk_text = ""
+        self._chunk_return = State.READY
         self._handlers: dict[str, Callable[[str], Reply]] = {
             "EHLO": self._ehlo,
             "HELO": self._helo,
@@ -294,7 +316,7 @@ class Server:
             "NOOP": lambda arg: R.OK,
             "VRFY": lambda arg: R.VRFY if arg else R.SYNTAX,
             "HELP": lambda arg: R.HELP,
-            "QUIT": lambda arg: R.BYE,
+            "QUIT": self._quit,
             "STARTTLS": self._starttls,
         }
 
@@ -342,14 +364,19 @@ class Server:
 
     @property
     def proto(self) -> str:
+        """The Received: ``with`` protocol; RFC 6531 §3.7.3: UTF8SMTP(S) for SMTPUTF8."""
         if not self.esmtp:
             return "SMTP"
+        if self.utf8:
+            return "UTF8SMTPS" if self.tls else "UTF8SMTP"
         return "ESMTPS" if self.tls else "ESMTP"
 
     # --- internals
 
     def _data_started(self) -> bool:
-        return self.state in (State.DATA, State.COMMIT)
+        if self.state == State.CHUNK:
+            return self._chunk_refused is None
+        return self.state in (State.DATA, State.COMMIT, State.BDAT)
 
     def _take(self) -> list[Event]:
         events, self._events = self._events, []
@@ -385,7 +412,12 @@ class Server:
 
     def _run(self) -> None:
         while self.state not in (State.CLOSED, State.COMMIT, State.TLS):
-            progressed = self._read_data() if self.state == State.DATA else self._read_command()
+            if self.state == State.DATA:
+                progressed = self._read_data()
+            elif self.state == State.CHUNK:
+                progressed = self._read_chunk()
+            else:
+                progressed = self._read_command()
             if not progressed:
                 return
 
@@ -395,6 +427,8 @@ class Server:
         self._events.append(Rejected(stage, reason))
         self.errors += 1
         if self.policy.max_errors and self.errors >= self.policy.max_errors:
+            if self._data_started():
+                self._events.append(MessageAborted(R.TOO_MANY_ERRORS))
             self._reply(R.TOO_MANY_ERRORS)
             self._events.append(Close("too many errors"))
             self.state = State.CLOSED
@@ -440,6 +474,11 @@ class Server:
             self._error(R.UNKNOWN_COMMAND, "command", f"unknown command {quote(text)}")
             return True
         allowed, wrong_state, next_state = entry
+        if verb == "BDAT":
+            return self._bdat(arg.strip(), text, allowed, wrong_state)
+        if self.state == State.BDAT and verb not in _IN_BDAT:
+            self._error(R.BDAT_SEQUENCE, verb, f"{verb} during BDAT")
+            return True
         if self.state not in allowed:
             self._error(wrong_state, verb, f"{verb} out of sequence")
             return True
@@ -470,6 +509,7 @@ class Server:
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "CHUNKING",
         ]
         if self.policy.tls_available and not self.tls:
             lines.append("STARTTLS")
@@ -484,10 +524,17 @@ class Server:
         return Reply(250, "", self.policy.hostname)
 
     def _rset(self, arg: str) -> Reply:
+        if self.state == State.BDAT:
+            self._events.append(MessageAborted(R.OK))
         self._reset_transaction()
-        if self.state in (State.MAIL, State.RCPT):
+        if self.state in (State.MAIL, State.RCPT, State.BDAT):
             self.state = State.READY
         return R.OK
+
+    def _quit(self, arg: str) -> Reply:
+        if self.state == State.BDAT:
+            self._events.append(MessageAborted(R.BYE))
+        return R.BYE
 
     def _starttls(self, arg: str) -> Reply:
         if arg:
@@ -535,6 +582,11 @@ class Server:
                 sender = str(path)
         except PathError as exc:
             return exc.reply
+        check_mail = getattr(self.policy, "check_mail", None)
+        if check_mail is not None:
+            refusal = check_mail(self.helo, sender)
+            if refusal is not None:
+                return refusal  # type: ignore[no-any-return]
         self.sender, self.utf8, self.recipients = sender, utf8, []
         return R.OK
 
@@ -659,3 +711,117 @@ class Server:
         self._events.append(MessageComplete(self._data_size))
         self.state = State.COMMIT
         return False
+
+    # --- BDAT mode (RFC 3030)
+
+    def _bdat(self, arg: str, text: str, allowed: frozenset[str], wrong_state: Reply) -> bool:
+        """``BDAT size [LAST]``: the next ``size`` octets are the chunk, whatever the
+        reply will be. A refused chunk is still read and thrown away, so that its
+        octets are never taken for commands; a size that does not parse leaves no
+        way to find the next command, so the connection is closed."""
+        from mailgrave.log import quote
+
+        words = arg.split(" ")
+        size_text = words[0]
+        last = len(words) == 2 and words[1].upper() == "LAST"
+        if not size_text.isdigit() or len(size_text) > 20 or len(words) > 1 + last:
+            self._events.append(Rejected("BDAT", f"bad BDAT arguments {quote(text)}"))
+            if self._data_started():
+                self._events.append(MessageAborted(R.BDAT_SYNTAX))
+            self._reply(R.BDAT_SYNTAX)
+            self._events.append(Close("bad BDAT arguments"))
+            self.state = State.CLOSED
+            return True
+        size = int(size_text)
+        refused: Reply | None = None
+        so_far = self._data_size if self.state == State.BDAT else 0
+        if self.state not in allowed:
+            refused = {State.CONNECTED: R.NEED_HELO, State.READY: R.NEED_MAIL}.get(
+                self.state, wrong_state
+            )
+        elif so_far + size > self.policy.max_message_size:
+            refused = R.TOO_BIG
+        if refused is None and self.state == State.RCPT:
+            self._begin_data()
+            self._chunk_cr = False
+            self._line_len = 0
+            self._tail = b"\r\n"
+        if refused is not None:
+            # RFC 3030 §2: a failed chunk fails the whole transaction; never let a
+            # later chunk start a message that lacks this one.
+            if self.state == State.BDAT:
+                self._events.append(MessageAborted(refused))
+            if self.state != State.CONNECTED:
+                self._reset_transaction()
+                self.state = State.READY
+        self._chunk_left, self._chunk_last, self._chunk_refused = size, last, refused
+        self._chunk_text = text
+        self._chunk_return = self.state
+        self.state = State.CHUNK
+        return True
+
+    def _read_chunk(self) -> bool:
+        """Take the chunk's octets from the buffer; at its end, answer it."""
+        buf = self._buf
+        take = min(self._chunk_left, len(buf))
+        if take:
+            piece = bytes(buf[:take])
+            del buf[:take]
+            self._chunk_left -= take
+            if self._chunk_refused is None:
+                self._scan_chunk(piece)
+        if self._chunk_left:
+            return False
+        refused = self._chunk_refused
+        if refused is not None:
+            from mailgrave.log import quote
+
+            self._chunk_refused = None
+            self.state = self._chunk_return
+            self._error(refused, "BDAT", f"{refused} for {quote(self._chunk_text)}")
+            return True
+        if not self._chunk_last:
+            self.state = State.BDAT
+            self._reply(Reply(250, "2.0.0", f"{self._data_size} octets received"))
+            return True
+        if self._chunk_cr:  # the message ends in a bare CR
+            self._flaw(R.BARE_LF_DATA)
+        if self._data_flaw is None and self._tail != b"\r\n" and self._data_size:
+            # a message ends with a line end (RFC 5322 §2.1); BDAT does not promise one
+            self._events.append(MessageData(b"\r\n"))
+        if self._data_flaw is not None:
+            reply = self._data_flaw
+            self._events.append(MessageAborted(reply))
+            self._reset_transaction()
+            self.state = State.READY
+            self._error(reply, "BDAT", f"{reply}")
+            return True
+        self._events.append(MessageComplete(self._data_size))
+        self.state = State.COMMIT
+        return False
+
+    def _scan_chunk(self, piece: bytes) -> None:
+        """DATA's rules for the stored message, applied to chunk octets: only CRLF
+        line ends (a bare LF or CR refuses the message), no NUL, lines of at most
+        1000 octets. No dot-stuffing: BDAT octets are taken as they are."""
+        self._data_size += len(piece)
+        data = (b"\r" if self._chunk_cr else b"") + piece
+        self._chunk_cr = data.endswith(b"\r")
+        if self._chunk_cr:
+            data = data[:-1]  # it may be the CR of a CRLF split between pieces
+        if self._data_flaw is not None:
+            return
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            self._flaw(R.BARE_LF_DATA)
+        if b"\x00" in data:
+            self._flaw(R.NUL_DATA)
+        lines = data.split(b"\r\n")
+        first = self._line_len + len(lines[0])
+        longest = max(first, max((len(line) for line in lines[1:]), default=0))
+        self._line_len = first if len(lines) == 1 else len(lines[-1])
+        if longest + 2 > MAX_LINE:
+            self._flaw(R.DATA_LINE_TOO_LONG)
+        if self._data_flaw is None and data:
+            self._tail = (self._tail + data)[-2:]
+            self._events.append(MessageData(data))

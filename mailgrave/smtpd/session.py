@@ -50,6 +50,7 @@ class ConfigPolicy:
         self.max_recipients = smtpd.max_recipients
         self.max_errors = smtpd.max_errors
         self.tls_available = bool(smtpd.tls.certificate and smtpd.tls.key)
+        self.checks: Any = None  # mailgrave.smtpd.checks.SenderChecks, loaded when needed
 
     def is_local_domain(self, domain: str) -> bool:
         return self.config.is_local_domain(domain)
@@ -59,6 +60,22 @@ class ConfigPolicy:
 
     def may_relay(self) -> bool:
         return self.config.may_relay(self.client_ip)
+
+    def check_mail(self, helo: str, sender: str) -> R.Reply | None:
+        """Sender authentication (checks.spf) for clients outside relay_networks."""
+        if self.config.checks.spf == "off" or self.may_relay():
+            return None
+        if self.checks is None:
+            # Lazy: spf, dns and authres load only for a session that checks.
+            from mailgrave.smtpd.checks import SenderChecks
+
+            self.checks = SenderChecks(self.config, self.client_ip)
+        refusal: R.Reply | None = self.checks.mail_from(helo, sender)
+        return refusal
+
+    def auth_results(self) -> str:
+        """The Authentication-Results: value for the queue ('' when nothing was checked)."""
+        return str(self.checks.header_value()) if self.checks is not None else ""
 
 
 class Channel:
@@ -187,7 +204,8 @@ class Session:
         self.config = config
         self.channel = channel
         self.client_ip = client_ip
-        self.server = S.Server(ConfigPolicy(config, client_ip))
+        self.policy = ConfigPolicy(config, client_ip)
+        self.server = S.Server(self.policy)
         self.queue: QueueClient | None = None
         self.queue_error: R.Reply | None = None
         self.current: S.MessageStart | None = None
@@ -280,6 +298,9 @@ class Session:
     def _open_queue(self, ev: S.MessageStart) -> None:
         self.current, self.queue, self.queue_error = ev, None, None
         attrs = {"proto": ev.proto, "helo": ev.helo, "addr": self.client_ip}
+        auth_results = self.policy.auth_results()
+        if auth_results:
+            attrs["authres"] = auth_results
         attrs = {k: v.replace("\0", "").replace("\n", "") for k, v in attrs.items()}
         try:
             self.queue = QueueClient(

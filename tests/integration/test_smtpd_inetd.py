@@ -49,6 +49,10 @@ NOT_IMPORTED = {
     "signal": "only the listener needs it",
     "ipaddress": "inet_pton",
     "collections": "collections.abc only for type checking",
+    # sender checks (checks.spf) load only for clients outside relay_networks
+    "spf": "mailgrave.smtpd.checks, lazily",
+    "dns": "mailgrave.smtpd.checks, lazily",
+    "authres": "mailgrave.smtpd.checks, lazily",
 }
 
 

@@ -100,3 +100,11 @@ def test_sizes_and_durations() -> None:
 def test_virtual_domains_are_local() -> None:
     c = config.parse_text("local:\n  virtual: {a@virt.example: /x/}\n")
     assert c.is_local_domain("virt.example") and not c.is_local_domain("other.example")
+
+
+def test_checks_spf_modes() -> None:
+    assert config.parse_text("").checks.spf == "record"
+    assert config.parse_text("checks: {spf: enforce}\n").checks.spf == "enforce"
+    with pytest.raises(config.ConfigError) as info:
+        config.parse_text("checks: {spf: reject}\n")
+    assert "checks.spf" in str(info.value)
