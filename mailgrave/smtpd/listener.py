@@ -39,8 +39,11 @@ class Listener:
     SPARES = 2
     SPARE_IDLE = 2.0
 
-    def __init__(self, config: configmod.Config, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, config: configmod.Config, sockets: list[socket.socket], mode: str = "smtp"
+    ) -> None:
         self.config = config
+        self.mode = mode
         self.sockets = sockets
         self.children: dict[int, str] = {}  # pid -> client address, one per connection
         self.spares: dict[int, socket.socket] = {}  # pid -> our end of its socketpair
@@ -137,7 +140,7 @@ class Listener:
             theirs.close()
             if fds:  # nothing (the socketpair closed): no longer needed
                 conn = socket.socket(fileno=fds[0])
-                serve_connection(self.config, conn, data.decode("ascii", "replace"))
+                serve_connection(self.config, conn, data.decode("ascii", "replace"), self.mode)
 
         _serve_and_exit(wait_and_serve)
 
@@ -185,7 +188,7 @@ class Listener:
             return
         pid = self._fork()
         if pid == 0:
-            _serve_and_exit(lambda: serve_connection(self.config, conn, ip))
+            _serve_and_exit(lambda: serve_connection(self.config, conn, ip, self.mode))
         self.children[pid] = ip
         conn.close()
 
