@@ -480,3 +480,118 @@ def test_check_reports_auth_problems(instance: Instance) -> None:
     instance.write_config()
     res = instance.run("mailgrave", "check")
     assert res.returncode == 1 and b"auth.senders: alice: " in res.stderr
+
+
+# --- the systemd units and the fail2ban filter
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def exec_start(unit: str) -> list[str]:
+    """The unit's ExecStart=, with this checkout's mailgrave-smtpd."""
+    for line in (ROOT / "systemd" / unit).read_text().splitlines():
+        if line.startswith("ExecStart="):
+            argv = line[len("ExecStart=") :].split()
+            assert argv[0] == "/usr/bin/mailgrave-smtpd"
+            return [program("mailgrave-smtpd"), *argv[1:]]
+    raise AssertionError(f"no ExecStart= in {unit}")
+
+
+def unit_port(unit: str) -> int:
+    for line in (ROOT / "systemd" / unit).read_text().splitlines():
+        if line.startswith("ListenStream="):
+            return int(line.split("=", 1)[1])
+    raise AssertionError(f"no ListenStream= in {unit}")
+
+
+@pytest.mark.parametrize(
+    ("socket_unit", "service", "inetd"),
+    [
+        ("mailgrave-smtps.socket", "mailgrave-smtps@.service", True),
+        ("mailgrave-submission.socket", "mailgrave-submission@.service", True),
+        ("mailgrave-smtpd-smtps.socket", "mailgrave-smtpd-smtps.service", False),
+        ("mailgrave-smtpd-submission.socket", "mailgrave-smtpd-submission.service", False),
+    ],
+)
+def test_units_serve_their_mode_and_fail2ban_matches_the_log(
+    sub: Submission,
+    processes: Processes,
+    tmp_path: Path,
+    socket_unit: str,
+    service: str,
+    inetd: bool,
+) -> None:
+    """Each unit's ExecStart= under systemd-socket-activate (Accept=yes: --inetd;
+    Accept=no: LISTEN_FDS), as systemd would start it; the failures it logs are
+    what the shipped fail2ban filter bans."""
+    text = (ROOT / "systemd" / socket_unit).read_text()
+    assert f"Accept={'yes' if inetd else 'no'}" in text
+    assert unit_port(socket_unit) == (465 if "smtps" in socket_unit else 587)
+    port = free_port()
+    log = tmp_path / "smtpd.log"
+    cmd = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}"]
+    with log.open("wb") as err:
+        processes.start(
+            [
+                *cmd,
+                *(["--inetd", "-a"] if inetd else []),
+                *exec_start(service),
+                "--config",
+                str(sub.inst.config_path),
+            ],
+            stderr=err,
+            env={**os.environ, "MAILGRAVE_LOG": "stderr"},
+        )
+    wait_for(lambda: _connectable(port))
+    implicit = "smtps" in socket_unit
+    if implicit:
+        s: smtplib.SMTP = smtplib.SMTP_SSL("127.0.0.1", port, context=insecure(), timeout=20)
+    else:
+        s = smtplib.SMTP("127.0.0.1", port, timeout=20)
+    with s:
+        s.ehlo("client.test")
+        if not implicit:
+            assert s.docmd("MAIL", "FROM:<alice@example.org>")[0] == 530
+            s.starttls(context=insecure())
+            s.ehlo("client.test")
+        assert s.docmd("AUTH", "PLAIN " + _plain("alice", "guess"))[0] == 535
+        assert s.docmd("AUTH", "PLAIN " + _plain("mallory", "guess"))[0] == 535
+        s.login("alice", PASSWORD)
+        subject = f"via {socket_unit}"
+        s.sendmail(
+            "alice@example.org",
+            ["bob@example.org"],
+            message("alice@example.org", "bob@example.org", subject),
+        )
+    delivered_with(sub, subject)
+    wait_for(lambda: log.read_text().count("auth failed from [127.0.0.1]") == 2)
+    filter_dir = tmp_path / "filter.d"
+    filter_dir.mkdir()
+    (filter_dir / "common.conf").symlink_to("/etc/fail2ban/filter.d/common.conf")
+    (filter_dir / "mailgrave.conf").write_text(
+        (ROOT / "etc" / "fail2ban" / "filter.d" / "mailgrave.conf").read_text()
+    )
+    res = subprocess.run(
+        [
+            "fail2ban-regex",
+            "-d",
+            "{NONE}",
+            "-o",
+            "ip",
+            str(log),
+            str(filter_dir / "mailgrave.conf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.split() == ["127.0.0.1", "127.0.0.1"], res.stdout
+    assert PASSWORD not in log.read_text() and "guess" not in log.read_text()
+
+
+def test_fail2ban_jail_example_uses_the_journal() -> None:
+    jail = (ROOT / "etc" / "fail2ban" / "jail.d" / "mailgrave.conf").read_text()
+    assert "backend  = systemd" in jail and "filter   = mailgrave" in jail
+    install = (ROOT / "debian" / "mailgrave.install").read_text()
+    assert "etc/fail2ban/filter.d/mailgrave.conf" in install
