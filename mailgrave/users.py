@@ -4,8 +4,8 @@ mailgrave-smtpd verifies against it; ``mailgrave user`` edits it. The hashes
 come from Debian's python3-argon2 (argon2-cffi): Argon2id is the password
 hash RFC 9106 recommends, and argon2-cffi does one thing (hash, verify, tell
 whether a hash needs renewing) over the reference C implementation, where
-passlib would bring dozens of schemes we do not want to accept, and whose
-upstream has been unmaintained since 2020.
+passlib would bring dozens of schemes we do not want to accept, and has had
+no release since 2020 (docs/security.md).
 
 argon2 is imported only when a password is hashed or verified: mailgrave-smtpd
 starts once per connection, and only a session that authenticates pays for it.
