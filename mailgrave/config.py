@@ -257,6 +257,39 @@ class Smtpd(Record):
     tls: TLS = _section(TLS)
 
 
+def _addresses(value: object) -> tuple[str, ...]:
+    """One address or ``@domain``, or a list of them (auth.senders)."""
+    items = _list(_nonempty_str)(value if isinstance(value, list) else [value])
+    out = []
+    for item in items:
+        local, at, domain = item.rpartition("@")
+        if not at or not domain or (local and any(c in local for c in " <>")):
+            raise _Bad(f"expected an address or @domain, got {_quote(item)}")
+        out.append(f"{local}@{_domain(domain)}" if local else f"@{_domain(domain)}")
+    return tuple(out)
+
+
+@record
+class RateLimit(Record):
+    # Per login and clock hour; 0: no limit.
+    messages: int = _opt(_int, 200)
+    recipients: int = _opt(_int, 1000)
+    # The counters (one small file per login), writable by mailgrave-smtpd.
+    directory: str = _opt(_nonempty_str, "/var/lib/mailgrave/smtpd/rate")
+
+
+@record
+class Auth(Record):
+    users_file: str = _opt(_nonempty_str, "/etc/mailgrave/users")
+    # login -> the envelope senders and From: domains it may use (address or
+    # @domain); a login without an entry: login@ each local domain.
+    senders: Mapping[str, tuple[str, ...]] = _opt(_mapping(_addresses), _FrozenDict())
+    rate_limit: RateLimit = _section(RateLimit)
+    record_login: bool = _opt(_bool, False)
+    # Failed AUTH attempts after which the connection is closed (0: never).
+    max_failures: int = _opt(_int, 3)
+
+
 @record
 class Local(Record):
     mailbox: str = _opt(_choice("maildir", "mbox"), "maildir")
@@ -336,6 +369,7 @@ class Config(Record):
     queue: Queue = _section(Queue)
     remote: Remote = _section(Remote)
     checks: Checks = _section(Checks)
+    auth: Auth = _section(Auth)
 
     def is_local_domain(self, domain: str) -> bool:
         """local_domains, the hostname, localhost, and every domain of a virtual mailbox."""

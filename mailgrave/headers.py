@@ -42,6 +42,8 @@ def received(
         host = attrs.get("host")
         peer = f"{_clean(host)} [{addr}]" if host else f"[{addr}]"
         proto = _clean(attrs.get("proto", "SMTP"), 20)
+        if attrs.get("login"):  # only with auth.record_login: true (privacy)
+            peer += f" (authenticated as {_clean(attrs['login'])})"
         line = f"Received: from {helo} ({peer})\n\tby {hostname} (MailGrave) with {proto} id {qid}"
     else:
         who = f"from userid {uid}" if uid is not None else "local"

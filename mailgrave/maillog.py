@@ -87,3 +87,15 @@ def attempt(qid: str, rcpt: str, agent: str, result: Result) -> None:
         qid=qid,
         rcpt=rcpt,
     )
+
+
+def auth_failed(client_ip: str, mechanism: str, login: str, reason: str) -> None:
+    """A failed SMTP AUTH: the client's address first (what fail2ban's filter reads)."""
+    _emit(
+        WARNING,
+        f"auth failed from [{client_ip}]: mechanism={mechanism or '-'} login={quote(login)}"
+        f" ({reason})",
+        event="auth-failed",
+        client=client_ip,
+        status="rejected",
+    )

@@ -10,6 +10,7 @@ import time
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
+from mailgrave import users as usersmod
 from mailgrave.admin.supervisor import Supervisor
 from mailgrave.errors import EXIT_OK
 from mailgrave.spool import RecipientState, Spool, header_lines, is_qid
@@ -43,6 +44,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems.append(f"{path}: local.aliases: cannot read {aliases}")
     if config.checks.spf != "off" and importlib.util.find_spec("spf") is None:
         problems.append(f"{path}: checks.spf: {config.checks.spf} needs python3-spf")
+    problems += _check_auth(config, path)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -51,18 +53,118 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SMTPD_GROUP = "mailgrave-smtpd"  # the users file's group: only smtpd may read it
+
+
+def _check_auth(config: configmod.Config, path: str) -> list[str]:
+    """The auth keys that need the file system: users file, rate counters."""
+    import stat
+
+    problems = []
+    users = config.auth.users_file
+    try:
+        st = os.stat(users)
+    except FileNotFoundError:
+        st = None  # no users: AUTH is simply not offered
+    except OSError as exc:
+        problems.append(f"{path}: auth.users_file: cannot read {users}: {exc.strerror}")
+        st = None
+    if st is not None:
+        if st.st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+            problems.append(
+                f"{path}: auth.users_file: {users} must not be readable by others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}; want 0640)"
+            )
+        try:
+            usersmod.read(users)
+        except usersmod.UsersError as exc:
+            problems.append(f"{path}: auth.users_file: {exc}")
+        if not config.smtpd.tls.certificate:
+            problems.append(
+                f"{path}: auth.users_file: AUTH is offered over TLS only: set smtpd.tls"
+            )
+        rate = config.auth.rate_limit
+        if (rate.messages or rate.recipients) and not os.path.isdir(rate.directory):
+            problems.append(f"{path}: auth.rate_limit.directory: no directory {rate.directory}")
+    return problems
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     logmod.setup("run", args.debug)
     config = configmod.load(args.config)
-    sup = Supervisor(config, args.listen or [], args.retry_interval)
-    for spec in args.listen or []:
-        print(f"mailgrave run: SMTP on {spec}", file=sys.stderr)
+    sup = Supervisor(
+        config, args.listen or [], args.retry_interval, args.submission or [], args.smtps or []
+    )
+    for kind, specs in (
+        ("SMTP", args.listen),
+        ("submission", args.submission),
+        ("SMTPS", args.smtps),
+    ):
+        for spec in specs or []:
+            print(f"mailgrave run: {kind} on {spec}", file=sys.stderr)
     print(
         f"mailgrave run: queue.ctrl at {config.socket_path('queue.ctrl')}, spool {config.spool}; "
         "Ctrl-C stops",
         file=sys.stderr,
     )
     return sup.run()
+
+
+# --- users (SMTP AUTH)
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    """From stdin's first line (--stdin) or a tty prompt, asked twice."""
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        import getpass
+
+        if not sys.stdin.isatty():
+            print("mailgrave: no terminal for the password prompt: use --stdin", file=sys.stderr)
+            return None
+        password = getpass.getpass(f"Password for {args.name}: ")
+        if getpass.getpass("Again: ") != password:
+            print("mailgrave: the passwords differ", file=sys.stderr)
+            return None
+    if not password:
+        print("mailgrave: empty password refused", file=sys.stderr)
+        return None
+    return password
+
+
+def cmd_user(config: configmod.Config, args: argparse.Namespace) -> int:
+    path = config.auth.users_file
+    try:
+        users = usersmod.read(path)
+        if args.action == "list":
+            for name in sorted(users):
+                print(name)
+            return EXIT_OK
+        name = usersmod.check_name(args.name)
+        if args.action == "add" and name in users:
+            print(f"mailgrave: user {name} exists (use passwd)", file=sys.stderr)
+            return 1
+        if args.action in ("passwd", "del") and name not in users:
+            print(f"mailgrave: no user {name} in {path}", file=sys.stderr)
+            return 1
+        if args.action == "del":
+            del users[name]
+        else:
+            password = _read_password(args)
+            if password is None:
+                return 1
+            users[name] = usersmod.hash_password(password)
+        usersmod.write(path, users, SMTPD_GROUP)
+    except usersmod.UsersError as exc:
+        print(f"mailgrave: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mailgrave: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    done = {"add": "added", "passwd": "password changed", "del": "removed"}[args.action]
+    print(f"mailgrave: user {name} {done} ({path})")
+    return EXIT_OK
 
 
 # --- queue tools ----------------------------------------------------------------
@@ -175,6 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--listen", action="append", metavar="ADDR:PORT", help="SMTP listener (repeatable)"
     )
+    run.add_argument(
+        "--submission",
+        action="append",
+        metavar="ADDR:PORT",
+        help="submission listener: STARTTLS, AUTH before MAIL (repeatable)",
+    )
+    run.add_argument(
+        "--smtps",
+        action="append",
+        metavar="ADDR:PORT",
+        help="submission listener with implicit TLS (repeatable)",
+    )
     run.add_argument("--retry-interval", type=float, default=60.0, metavar="SECONDS")
     run.add_argument("--debug", action="store_true")
     queue = sub.add_parser("queue", help="list the queue, or act on messages in it")
@@ -191,7 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         p = qsub.add_parser(action, help=text)
         p.add_argument("qids", nargs="*", metavar="QID")
         p.add_argument("--all", action="store_true", help="every message in the queue")
-    for p in (check, run, queue):
+    user = sub.add_parser("user", help="manage the SMTP AUTH users (auth.users_file)")
+    usub = user.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (
+        ("add", "add a user (password from a prompt, or --stdin)"),
+        ("passwd", "change a user's password"),
+        ("del", "remove a user"),
+    ):
+        p = usub.add_parser(action, help=text)
+        p.add_argument("name", metavar="NAME")
+        if action != "del":
+            p.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    usub.add_parser("list", help="list the users")
+    for p in (check, run, queue, user):
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command is None:
@@ -202,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     config = configmod.load_or_exit(args.config, "mailgrave")
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "user":
+        return cmd_user(config, args)
     action = args.action or "list"
     if action == "list":
         return cmd_queue_list(config)

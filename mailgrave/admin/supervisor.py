@@ -59,7 +59,14 @@ def bind_tcp(spec: str) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, config: Config, listen: list[str], retry_interval: float) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listen: list[str],
+        retry_interval: float,
+        submission: list[str] | None = None,
+        smtps: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.spool = Spool(config.spool)
         self.retry_interval = retry_interval
@@ -77,10 +84,17 @@ class Supervisor:
             for name, mode in (("queue", 0o666), ("local", 0o600), ("remote", 0o600))
             if _installed(f"mailgrave.{name}")
         ]
-        if listen:
-            self.services.append(
-                Service("smtpd", "mailgrave.smtpd", [bind_tcp(s) for s in listen], cfg)
-            )
+        # One mailgrave-smtpd per kind of port, as the systemd units have it.
+        for name, specs, mode in (
+            ("smtpd", listen, "smtp"),
+            ("smtpd-submission", submission or [], "submission"),
+            ("smtpd-smtps", smtps or [], "smtps"),
+        ):
+            if specs:
+                args = [*cfg, "--mode", mode] if mode != "smtp" else cfg
+                self.services.append(
+                    Service(name, "mailgrave.smtpd", [bind_tcp(s) for s in specs], args)
+                )
 
     def spawn(
         self, tag: object, module: str, args: list[str], listeners: list[socket.socket]

@@ -64,7 +64,7 @@ START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 HELP = Reply(
-    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS"
+    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH"
 )
 
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized")
@@ -95,7 +95,21 @@ NUL_DATA = Reply(554, "5.6.0", "Message refused: NUL character")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message refused: line longer than 1000 octets")
 QUEUE_TEMPFAIL = Reply(451, "4.3.0", "Temporary failure, try again later")
 
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+FROM_NOT_OWNED = Reply(553, "5.7.1", "From: domain not owned by the authenticated user")
+RATE_LIMITED = Reply(451, "4.7.1", "Hourly sending limit reached, try again later")
+
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing connection")
 EARLY_TALKER = Reply(554, "5.5.0", "Protocol error: talking before the greeting")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")

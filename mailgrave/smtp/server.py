@@ -49,6 +49,19 @@ class Policy(Protocol):
     # Optional: ``check_mail(helo, sender)`` -> a refusal Reply or None (sender
     # authentication, e.g. SPF); looked up with getattr, a policy may lack it.
 
+    # --- submission and AUTH (RFC 6409, RFC 4954)
+
+    #: MAIL needs AUTH first (ports 587 and 465).
+    submission: bool
+    #: AUTH may be offered once TLS is active (a users file is configured).
+    auth_available: bool
+    #: failed AUTH attempts after which the connection is closed (0: never).
+    max_auth_failures: int
+
+    def sender_allowed(self, login: str, sender: str) -> bool: ...
+
+    def within_rate(self, login: str, recipients: int) -> bool: ...
+
 
 # --- events
 
@@ -92,6 +105,44 @@ class MessageAborted(Record):
     reply: Reply
 
 
+class Authenticate:
+    """AUTH credentials arrived: verify them, then call :meth:`Server.auth_result`.
+
+    Not a record: its repr must never show the password."""
+
+    __slots__ = ("login", "mechanism", "password")
+
+    def __init__(self, mechanism: str, login: str, password: str) -> None:
+        self.mechanism = mechanism
+        self.login = login
+        self.password = password
+
+    def __repr__(self) -> str:
+        return f"Authenticate(mechanism={self.mechanism!r}, login={self.login!r}, password=...)"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Authenticate):
+            return NotImplemented
+        return (self.mechanism, self.login, self.password) == (
+            other.mechanism,
+            other.login,
+            other.password,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@record
+class AuthFailed(Record):
+    """An AUTH attempt failed (bad credentials, bad encoding, cancelled): one log line.
+
+    ``login`` is the name the client gave ('' when none), unquoted."""
+
+    mechanism: str
+    login: str
+    reason: str
+
+
 @record
 class StartTLS(Record):
     """Do the TLS handshake now, then call :meth:`Server.tls_started`."""
@@ -119,6 +170,8 @@ Event = (
     | MessageComplete
     | MessageAborted
     | StartTLS
+    | Authenticate
+    | AuthFailed
     | Rejected
     | Close
 )
@@ -136,6 +189,8 @@ class State:
     CHUNK = "chunk"  # reading the octets of one BDAT chunk
     COMMIT = "commit"  # final dot seen; waiting for the queue
     TLS = "tls"  # STARTTLS answered; waiting for the handshake
+    AUTH = "auth"  # AUTH answered 334; waiting for the client's continuation line
+    AUTH_CHECK = "auth-check"  # credentials complete; waiting for the program's verdict
     CLOSED = "closed"
 
 
@@ -161,7 +216,17 @@ TRANSITIONS: dict[str, tuple[frozenset[str], Reply, str | None]] = {
     "HELP": (_ANY_OR_BDAT, R.BAD_SEQUENCE, None),
     "QUIT": (_ANY_OR_BDAT, R.BAD_SEQUENCE, State.CLOSED),
     "STARTTLS": (frozenset({State.CONNECTED, State.READY}), R.BAD_SEQUENCE, State.TLS),
+    # RFC 4954 §4: after EHLO, not during a mail transaction; the next state
+    # (AUTH or AUTH_CHECK) is set by the handler.
+    "AUTH": (frozenset({State.READY}), R.BAD_SEQUENCE, None),
 }
+
+# SASL mechanisms offered (over TLS only): both send the password as it is.
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+_LOGIN_USERNAME = "VXNlcm5hbWU6"  # base64 "Username:"
+_LOGIN_PASSWORD = "UGFzc3dvcmQ6"  # base64 "Password:"  # noqa: S105 (a prompt)
+MAX_AUTH_FIELD = 255  # octets of a login or password
+_HANDLED = Reply(0, "", "handled")  # a handler that has answered by itself
 
 
 class PathError(ValueError):
@@ -287,6 +352,10 @@ class Server:
         self.sender: str | None = None
         self.recipients: list[str] = []
         self.utf8 = False
+        self.login = ""  # the authenticated login ('' until AUTH succeeds)
+        self.auth_failures = 0
+        self._auth_mech = ""
+        self._auth_user: str | None = None  # LOGIN: the user name, once given
         self._buf = bytearray()
         self._events: list[Event] = []
         # DATA reading state
@@ -318,6 +387,7 @@ class Server:
             "HELP": lambda arg: R.HELP,
             "QUIT": self._quit,
             "STARTTLS": self._starttls,
+            "AUTH": self._auth,
         }
 
     # --- the program's side
@@ -353,10 +423,33 @@ class Server:
         """The handshake succeeded: a fresh session, EHLO required again."""
         self.tls = True
         self._reset_transaction()
-        self.helo, self.esmtp = "", False
+        self.helo, self.esmtp, self.login = "", False, ""
         self._buf.clear()
         self.state = State.CONNECTED
         return []
+
+    def auth_result(self, ok: bool) -> list[Event]:
+        """The program's verdict on :class:`Authenticate`'s credentials."""
+        if self.state != State.AUTH_CHECK:
+            return []
+        self.state = State.READY
+        login, self._auth_user = self._auth_user or "", None
+        if ok:
+            self.login = login
+            self._reply(R.AUTH_OK)
+        else:
+            self._auth_failed(login, "invalid credentials", R.AUTH_INVALID)
+        self._run()
+        return self._take()
+
+    def auth_unavailable(self) -> list[Event]:
+        """The credentials could not be checked (users file unreadable): try later."""
+        if self.state != State.AUTH_CHECK:
+            return []
+        self.state, self._auth_user = State.READY, None
+        self._reply(R.AUTH_TEMPFAIL)
+        self._run()
+        return self._take()
 
     def timeout(self) -> list[Event]:
         """The client was idle too long."""
@@ -364,12 +457,12 @@ class Server:
 
     @property
     def proto(self) -> str:
-        """The Received: ``with`` protocol; RFC 6531 §3.7.3: UTF8SMTP(S) for SMTPUTF8."""
+        """The Received: ``with`` protocol: RFC 3848's ESMTP, ESMTPS, ESMTPA, ESMTPSA,
+        and RFC 6531 §3.7.3's UTF8SMTP(S)(A) when SMTPUTF8 was used."""
         if not self.esmtp:
             return "SMTP"
-        if self.utf8:
-            return "UTF8SMTPS" if self.tls else "UTF8SMTP"
-        return "ESMTPS" if self.tls else "ESMTP"
+        base = "UTF8SMTP" if self.utf8 else "ESMTP"
+        return base + ("S" if self.tls else "") + ("A" if self.login else "")
 
     # --- internals
 
@@ -411,11 +504,13 @@ class Server:
         self.utf8 = False
 
     def _run(self) -> None:
-        while self.state not in (State.CLOSED, State.COMMIT, State.TLS):
+        while self.state not in (State.CLOSED, State.COMMIT, State.TLS, State.AUTH_CHECK):
             if self.state == State.DATA:
                 progressed = self._read_data()
             elif self.state == State.CHUNK:
                 progressed = self._read_chunk()
+            elif self.state == State.AUTH:
+                progressed = self._read_auth_line()
             else:
                 progressed = self._read_command()
             if not progressed:
@@ -483,8 +578,13 @@ class Server:
             self._error(wrong_state, verb, f"{verb} out of sequence")
             return True
         reply = self._handlers[verb](arg.strip())
+        if reply is _HANDLED:
+            return True
         if reply.is_error:
-            self._error(reply, verb, f"{reply} for {quote(text)}")
+            if verb == "AUTH":  # its argument may hold credentials: never logged
+                self._error(reply, verb, f"{reply} for AUTH {quote(arg.split(' ')[0])}")
+            else:
+                self._error(reply, verb, f"{reply} for {quote(text)}")
             return True
         self._reply(reply)
         if next_state is not None:
@@ -513,6 +613,9 @@ class Server:
         ]
         if self.policy.tls_available and not self.tls:
             lines.append("STARTTLS")
+        if self.policy.auth_available and self.tls:
+            # RFC 4954 §4 and RFC 8314: never offered over plaintext.
+            lines.append("AUTH " + " ".join(AUTH_MECHANISMS))
         lines.append("HELP")
         return Reply(250, "", f"{self.policy.hostname} Hello", tuple(lines))
 
@@ -551,10 +654,109 @@ class Server:
             return None
         return arg[len(keyword) :].lstrip(" ")
 
+    def _auth(self, arg: str) -> Reply:
+        """AUTH mechanism [initial-response]: PLAIN and LOGIN, over TLS only."""
+        if not self.esmtp:
+            return R.BAD_SEQUENCE
+        if self.login:
+            return R.AUTH_ALREADY
+        mech, _, initial = arg.partition(" ")
+        mech, initial = mech.upper(), initial.strip()
+        if not mech:
+            return R.SYNTAX
+        if not self.policy.auth_available:
+            return R.NOT_IMPLEMENTED
+        if not self.tls:
+            return R.AUTH_NEEDS_TLS
+        if mech not in AUTH_MECHANISMS:
+            return R.AUTH_MECHANISM
+        self._auth_mech, self._auth_user = mech, None
+        if initial:
+            self._auth_respond("" if initial == "=" else initial)  # RFC 4954 §4: "=" is empty
+            return _HANDLED
+        self.state = State.AUTH
+        return Reply(334, "", "" if mech == "PLAIN" else _LOGIN_USERNAME)
+
+    def _read_auth_line(self) -> bool:
+        """A continuation line of AUTH (RFC 4954 §4): base64, or ``*`` to cancel."""
+        buf = self._buf
+        end = buf.find(b"\n")
+        if end < 0:
+            if len(buf) > MAX_LINE:
+                buf.clear()
+                self.state = State.READY
+                self._auth_failed("", "response too long", R.LINE_TOO_LONG)
+                return True
+            return False
+        raw = bytes(buf[: end + 1])
+        del buf[: end + 1]
+        self.state = State.READY
+        if len(raw) > MAX_LINE or not raw.endswith(b"\r\n") or b"\r" in raw[:-2]:
+            self._auth_failed(self._auth_user or "", "malformed response", R.AUTH_BAD_BASE64)
+            return True
+        line = raw[:-2].decode("ascii", "replace").strip()
+        if line == "*":
+            self._auth_failed(self._auth_user or "", "cancelled", R.AUTH_CANCELLED)
+            return True
+        self._auth_respond(line)
+        return True
+
+    def _auth_respond(self, response: str) -> None:
+        """One client response: the next 334, a failure, or the credentials for the program."""
+        import binascii  # built into the interpreter: nothing to pay
+
+        self.state = State.READY
+        try:
+            text = binascii.a2b_base64(response.encode("ascii"), strict_mode=True).decode("utf-8")
+        except (binascii.Error, ValueError, UnicodeError):
+            self._auth_failed(self._auth_user or "", "bad base64", R.AUTH_BAD_BASE64)
+            return
+        if self._auth_mech == "PLAIN":
+            parts = text.split("\0")
+            if len(parts) != 3 or not parts[1]:
+                self._auth_failed("", "malformed PLAIN response", R.AUTH_BAD_BASE64)
+                return
+            authzid, login, password = parts
+            if authzid and authzid != login:
+                self._auth_failed(login, "authorization identity differs", R.AUTH_INVALID)
+                return
+            self._credentials(login, password)
+        elif self._auth_user is None:
+            if not text or "\0" in text:
+                self._auth_failed("", "bad user name", R.AUTH_BAD_BASE64)
+                return
+            self._auth_user = text
+            self.state = State.AUTH
+            self._reply(Reply(334, "", _LOGIN_PASSWORD))
+        else:
+            self._credentials(self._auth_user, text)
+
+    def _credentials(self, login: str, password: str) -> None:
+        if max(len(login.encode()), len(password.encode())) > MAX_AUTH_FIELD or "\0" in password:
+            self._auth_failed(login[:MAX_AUTH_FIELD], "credentials too long", R.AUTH_INVALID)
+            return
+        self._auth_user = login
+        self.state = State.AUTH_CHECK
+        self._events.append(Authenticate(self._auth_mech, login, password))
+
+    def _auth_failed(self, login: str, reason: str, reply: Reply) -> None:
+        """A failed attempt: the reply, one AuthFailed event, the close after too many."""
+        self._auth_user = None
+        self._reply(reply)
+        self._events.append(AuthFailed(self._auth_mech, login, reason))
+        self.auth_failures += 1
+        limit = self.policy.max_auth_failures
+        if limit and self.auth_failures >= limit:
+            self._reply(R.TOO_MANY_AUTH_FAILURES)
+            self._events.append(Close("too many failed AUTH attempts"))
+            self.state = State.CLOSED
+
     def _mail(self, arg: str) -> Reply:
         rest = self._keyword_arg(arg, "FROM:")
         if rest is None:
             return R.SYNTAX
+        if self.policy.submission and not self.login:
+            return R.AUTH_REQUIRED
         try:
             inner, params_text = _split_path(rest)
             params = _parse_params(params_text)
@@ -582,8 +784,12 @@ class Server:
                 sender = str(path)
         except PathError as exc:
             return exc.reply
+        if self.login and not self.policy.sender_allowed(self.login, sender):
+            return R.SENDER_NOT_OWNED
         check_mail = getattr(self.policy, "check_mail", None)
-        if check_mail is not None:
+        if check_mail is not None and not self.login:
+            # Sender authentication (SPF) is for mail arriving from outside, not
+            # for a user who has authenticated (RFC 6409 submission).
             refusal = check_mail(self.helo, sender)
             if refusal is not None:
                 return refusal  # type: ignore[no-any-return]
@@ -612,6 +818,19 @@ class Server:
             return Reply(501, "5.1.3", "Recipient address needs a domain")
         if len(self.recipients) >= self.policy.max_recipients:
             return R.TOO_MANY_RCPTS
+        if self.login:
+            # An authenticated user relays anywhere, within the login's hourly limit.
+            if str(path) not in self.recipients and not self.policy.within_rate(
+                self.login, len(self.recipients) + 1
+            ):
+                return R.RATE_LIMITED
+            if any(c in path.local for c in "%!@"):
+                return R.RELAY_DENIED
+            if self.policy.is_local_domain(path.domain) and not self.policy.recipient_exists(
+                path.local, path.domain
+            ):
+                return R.NO_SUCH_USER
+            return self._add_rcpt(path)
         if self.policy.is_local_domain(path.domain):
             if not self.policy.recipient_exists(path.local, path.domain):
                 return R.NO_SUCH_USER

@@ -38,8 +38,11 @@ class Listener:
     SPARES = 2
     SPARE_IDLE = 2.0
 
-    def __init__(self, config: configmod.Config, sockets: list[socket.socket]) -> None:
+    def __init__(
+        self, config: configmod.Config, sockets: list[socket.socket], mode: str = "smtp"
+    ) -> None:
         self.config = config
+        self.mode = mode
         self.sockets = sockets
         self.children: dict[int, str] = {}  # pid -> client address, one per connection
         self.spares: dict[int, socket.socket] = {}  # pid -> our end of its socketpair
@@ -136,7 +139,7 @@ class Listener:
             theirs.close()
             if fds:  # nothing (the socketpair closed): no longer needed
                 conn = socket.socket(fileno=fds[0])
-                serve_connection(self.config, conn, data.decode("ascii", "replace"))
+                serve_connection(self.config, conn, data.decode("ascii", "replace"), self.mode)
 
         run_and_exit(wait_and_serve)
 
@@ -184,7 +187,7 @@ class Listener:
             return
         pid = self._fork()
         if pid == 0:
-            run_and_exit(lambda: serve_connection(self.config, conn, ip))
+            run_and_exit(lambda: serve_connection(self.config, conn, ip, self.mode))
         self.children[pid] = ip
         conn.close()
 
@@ -212,6 +215,7 @@ def _warm_up(config: configmod.Config) -> None:
     try:
         with mglog.muted(), ours, theirs:
             session = Session(config, Channel(theirs, 5.0), "127.0.0.1")
+            session.policy.sender_checks = False  # never a DNS lookup before serving
             session.channel.send(session.server.greeting())
             for line in WARM_UP:
                 session._handle(session.server.receive_data(line))

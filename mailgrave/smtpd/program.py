@@ -18,7 +18,7 @@ from mailgrave import config as configmod
 from mailgrave import log as mglog
 from mailgrave import sd
 from mailgrave.errors import EXIT_OK, EXIT_TEMP
-from mailgrave.smtpd.session import serve_connection
+from mailgrave.smtpd.session import MODES, serve_connection
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,6 +38,13 @@ def _parser() -> Any:
     parser.add_argument("--config", metavar="PATH", help="configuration file")
     parser.add_argument("--bind", metavar="ADDR", help="listen on ADDR (with --port)")
     parser.add_argument("--port", metavar="N", type=int, help="listen on TCP port N")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="smtp",
+        help="smtp (port 25, the default), submission (587: STARTTLS, then AUTH before "
+        "MAIL) or smtps (465: implicit TLS, then AUTH before MAIL)",
+    )
     parser.add_argument("--debug", action="store_true", help="log debugging details")
     return parser
 
@@ -46,6 +53,7 @@ class _Args:
     config: str | None = None
     bind: str | None = None
     port: int | None = None
+    mode = "smtp"
     debug = False
 
 
@@ -63,6 +71,10 @@ def _parse_args(argv: list[str]) -> Any:
             args.config = rest.pop(0)
         elif arg.startswith("--config=") and len(arg) > len("--config="):
             args.config = arg[len("--config=") :]
+        elif arg == "--mode" and rest and rest[0] in MODES:
+            args.mode = rest.pop(0)
+        elif arg.startswith("--mode=") and arg[len("--mode=") :] in MODES:
+            args.mode = arg[len("--mode=") :]
         else:
             return _parser().parse_args(argv)
     return args
@@ -86,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 print(f"mailgrave-smtpd: cannot listen: {exc.strerror}", file=sys.stderr)
                 return EXIT_TEMP
-        return Listener(config, listeners).run()
+        return Listener(config, listeners, args.mode).run()
     sock = sd.stdin_raw_socket()
     try:
-        serve_connection(config, sock)
+        serve_connection(config, sock, mode=args.mode)
     except Exception:
         log.exception("session failed")
         return EXIT_TEMP

@@ -36,12 +36,20 @@ log = mglog.getLogger(__name__)
 READ_SIZE = 64 * 1024
 DRAIN_TIME = 1.0  # seconds spent reading what the client still sends, on close
 DRAIN_LIMIT = 1024 * 1024
+MAX_HEADER = 64 * 1024  # octets of header kept for an authenticated client's From: check
+
+
+MODES = ("smtp", "submission", "smtps")
 
 
 class ConfigPolicy:
-    """The server's policy from mailgrave.yaml for one client address."""
+    """The server's policy from mailgrave.yaml for one client address.
 
-    def __init__(self, config: configmod.Config, client_ip: str) -> None:
+    ``mode``: ``smtp`` (port 25), ``submission`` (587: STARTTLS, then AUTH before
+    MAIL) or ``smtps`` (465: TLS from the first byte, then AUTH before MAIL).
+    """
+
+    def __init__(self, config: configmod.Config, client_ip: str, mode: str = "smtp") -> None:
         smtpd = config.smtpd
         self.config = config
         self.client_ip = client_ip
@@ -51,6 +59,27 @@ class ConfigPolicy:
         self.max_errors = smtpd.max_errors
         self.tls_available = bool(smtpd.tls.certificate and smtpd.tls.key)
         self.checks: Any = None  # mailgrave.smtpd.checks.SenderChecks, loaded when needed
+        self.sender_checks = True  # False in the listener's warm-up session (no DNS)
+        self.submission = mode != "smtp"
+        # One stat per connection; the file itself is read only when a client authenticates.
+        self.auth_available = self.tls_available and os.path.exists(config.auth.users_file)
+        self.max_auth_failures = config.auth.max_failures
+        self._rate: Any = None
+
+    def sender_allowed(self, login: str, sender: str) -> bool:
+        from mailgrave.smtpd import auth  # only for authenticated sessions
+
+        return auth.sender_allowed(self.config, login, sender)
+
+    def within_rate(self, login: str, recipients: int) -> bool:
+        return bool(self.rate_limiter().allows(login, recipients))
+
+    def rate_limiter(self) -> Any:
+        if self._rate is None:
+            from mailgrave.smtpd import auth  # only for authenticated sessions
+
+            self._rate = auth.RateLimiter(self.config)
+        return self._rate
 
     def is_local_domain(self, domain: str) -> bool:
         return self.config.is_local_domain(domain)
@@ -62,8 +91,11 @@ class ConfigPolicy:
         return self.config.may_relay(self.client_ip)
 
     def check_mail(self, helo: str, sender: str) -> R.Reply | None:
-        """Sender authentication (checks.spf) for clients outside relay_networks."""
-        if self.config.checks.spf == "off" or self.may_relay():
+        """Sender authentication (checks.spf) for mail from outside: not for
+        relay_networks, nor on the submission ports (authenticated users)."""
+        if not self.sender_checks or self.config.checks.spf == "off":
+            return None
+        if self.may_relay() or self.submission:
             return None
         if self.checks is None:
             # Lazy: spf, dns and authres load only for a session that checks.
@@ -200,12 +232,18 @@ def _plain_ip(ip: str) -> str:
 class Session:
     """One connection: reads, feeds the protocol core, carries out its events."""
 
-    def __init__(self, config: configmod.Config, channel: Channel, client_ip: str) -> None:
+    def __init__(
+        self, config: configmod.Config, channel: Channel, client_ip: str, mode: str = "smtp"
+    ) -> None:
         self.config = config
         self.channel = channel
         self.client_ip = client_ip
-        self.policy = ConfigPolicy(config, client_ip)
-        self.server = S.Server(self.policy)
+        self.mode = mode
+        self.policy = ConfigPolicy(config, client_ip, mode)
+        self.server = S.Server(self.policy, tls_active=mode == "smtps")
+        # The header block of the message being received (authenticated sessions:
+        # the From: check), bounded.
+        self.header: bytearray | None = None
         self.queue: QueueClient | None = None
         self.queue_error: R.Reply | None = None
         self.current: S.MessageStart | None = None
@@ -231,7 +269,12 @@ class Session:
             )
 
     def _run(self) -> None:
-        pause = self.config.smtpd.greet_pause
+        if self.mode == "smtps":
+            # RFC 8314: TLS from the first byte, then the greeting inside it.
+            self._start_tls()
+        # No pause on submission (RFC 6409 clients are not spam robots, and
+        # their users wait for it).
+        pause = self.config.smtpd.greet_pause if self.mode == "smtp" else 0
         if pause and self.channel.readable(pause):
             if not self.channel.peek():
                 self.close_reason = "client left before the greeting"
@@ -274,6 +317,11 @@ class Session:
             elif isinstance(ev, S.Rejected):
                 self.rejections += 1
                 maillog.rejected(ev.stage, f"[{self.client_ip}]", ev.reason)
+            elif isinstance(ev, S.Authenticate):
+                flush()
+                queue[:0] = self._authenticate(ev)
+            elif isinstance(ev, S.AuthFailed):
+                maillog.auth_failed(self.client_ip, ev.mechanism, ev.login, ev.reason)
             elif isinstance(ev, S.StartTLS):
                 flush()
                 self._start_tls()
@@ -295,12 +343,28 @@ class Session:
             raise
         log.info("TLS with [%s]: %s", self.client_ip, self.channel.tls_info())
 
+    def _authenticate(self, ev: S.Authenticate) -> list[S.Event]:
+        """Check the credentials in this process (no other session waits for the hash)."""
+        from mailgrave import users  # argon2 only for sessions that authenticate
+
+        try:
+            ok = users.verify(self.config.auth.users_file, ev.login, ev.password)
+        except users.UsersError as exc:
+            log.warning("AUTH unavailable: %s", exc)
+            return self.server.auth_unavailable()
+        if ok:
+            log.info("[%s] authenticated as %s", self.client_ip, mglog.quote(ev.login))
+        return self.server.auth_result(ok)
+
     def _open_queue(self, ev: S.MessageStart) -> None:
         self.current, self.queue, self.queue_error = ev, None, None
+        self.header = bytearray() if self.server.login else None
         attrs = {"proto": ev.proto, "helo": ev.helo, "addr": self.client_ip}
         auth_results = self.policy.auth_results()
         if auth_results:
             attrs["authres"] = auth_results
+        if self.server.login and self.config.auth.record_login:
+            attrs["login"] = self.server.login
         attrs = {k: v.replace("\0", "").replace("\n", "") for k, v in attrs.items()}
         try:
             self.queue = QueueClient(
@@ -315,6 +379,9 @@ class Session:
     def _write_queue(self, data: bytes) -> None:
         if self.queue is None:
             return
+        header = self.header
+        if header is not None and len(header) < MAX_HEADER and b"\r\n\r\n" not in header:
+            header += data[: MAX_HEADER - len(header)]
         try:
             self.queue.write(data)
         except OSError as exc:
@@ -326,6 +393,16 @@ class Session:
         qc, self.queue = self.queue, None
         if qc is None:
             return self.server.message_failed(self.queue_error or R.QUEUE_TEMPFAIL)
+        login = self.server.login
+        if login and self.header is not None:
+            from mailgrave.smtpd import auth  # only for authenticated sessions
+
+            head, blank, _ = bytes(self.header).partition(b"\r\n\r\n")
+            complete = blank or len(self.header) < MAX_HEADER
+            if not complete or not auth.from_allowed(self.config, login, head + b"\r\n\r\n"):
+                qc.abort()
+                maillog.rejected("DATA", f"[{self.client_ip}]", "From: not owned by the login")
+                return self.server.message_failed(R.FROM_NOT_OWNED)
         try:
             qid = qc.commit()
         except TempFail as exc:
@@ -348,6 +425,8 @@ class Session:
                 size,
                 extra={"fields": {"MAILGRAVE_QID": qid}},
             )
+            if login:
+                self.policy.rate_limiter().record(login, len(ev.recipients))
         return self.server.message_queued(qid)
 
     def _abort_queue(self) -> None:
@@ -357,8 +436,11 @@ class Session:
 
 
 def serve_connection(
-    config: configmod.Config, sock: socket.socket | None, client_ip: str | None = None
+    config: configmod.Config,
+    sock: socket.socket | None,
+    client_ip: str | None = None,
+    mode: str = "smtp",
 ) -> None:
     """Run one SMTP session on ``sock`` (or on fds 0/1 when None)."""
     channel = Channel(sock, config.smtpd.timeout)
-    Session(config, channel, client_ip or _client_ip(sock)).run()
+    Session(config, channel, client_ip or _client_ip(sock), mode).run()

@@ -20,6 +20,17 @@ class FakePolicy:
     tls_available: bool = False
     relay: bool = False
     users: set[str] = field(default_factory=lambda: {"alice@example.org", "bob@example.org"})
+    submission: bool = False
+    auth_available: bool = False
+    max_auth_failures: int = 3
+    senders: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    rate_left: int = 1000
+
+    def sender_allowed(self, login: str, sender: str) -> bool:
+        return sender in self.senders.get(login, (f"{login}@example.org",))
+
+    def within_rate(self, login: str, recipients: int) -> bool:
+        return recipients <= self.rate_left
 
     def is_local_domain(self, domain: str) -> bool:
         return domain in ("example.org", self.hostname)
