@@ -29,6 +29,7 @@ from mailgrave.smtp import server as S
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
     from typing import Any
 
 log = mglog.getLogger(__name__)
@@ -194,6 +195,14 @@ class Session:
         self.closed = False
         self.close_reason = "connection lost"
         self.rejections = 0
+        # Called once when the session is over, before its last reply goes out:
+        # the warm parent counts only live sessions against the limits.
+        self.on_end: Callable[[], None] | None = None
+
+    def _ended(self) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
     def run(self) -> None:
         log.info("connect from [%s]", self.client_ip)
@@ -202,6 +211,7 @@ class Session:
         except (OSError, TimeoutError) as exc:
             self.close_reason = f"connection lost: {type(exc).__name__}"
         finally:
+            self._ended()
             self._abort_queue()
             self.channel.close()
             log.info(
@@ -213,7 +223,10 @@ class Session:
             )
 
     def _run(self) -> None:
-        pause = self.config.smtpd.greet_pause
+        smtpd = self.config.smtpd
+        pause = smtpd.greet_pause
+        if pause and not smtpd.greet_pause_relay_networks and self.config.may_relay(self.client_ip):
+            pause = 0.0  # a trusted client: greeted at once
         if pause and self.channel.readable(pause):
             if not self.channel.peek():
                 self.close_reason = "client left before the greeting"
@@ -261,6 +274,7 @@ class Session:
                 self._start_tls()
                 queue[:0] = self.server.tls_started()
             elif isinstance(ev, S.Close):
+                self._ended()
                 flush()
                 self.close_reason = ev.reason
                 self.closed = True
@@ -336,8 +350,14 @@ class Session:
 
 
 def serve_connection(
-    config: configmod.Config, sock: socket.socket | None, client_ip: str | None = None
+    config: configmod.Config,
+    sock: socket.socket | None,
+    client_ip: str | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> None:
-    """Run one SMTP session on ``sock`` (or on fds 0/1 when None)."""
+    """Run one SMTP session on ``sock`` (or on fds 0/1 when None); ``on_end`` is
+    called when the session is over, before its last reply is sent."""
     channel = Channel(sock, config.smtpd.timeout)
-    Session(config, channel, client_ip or _client_ip(sock)).run()
+    session = Session(config, channel, client_ip or _client_ip(sock))
+    session.on_end = on_end
+    session.run()

@@ -208,7 +208,8 @@ def test_greet_pause_is_configurable(tmp_path: Path, processes: Processes) -> No
     slow_port, fast_port = free_port(), free_port()
     (tmp_path / "slow").mkdir()
     (tmp_path / "fast").mkdir()
-    slow = Instance(tmp_path / "slow")
+    # Loopback is in relay_networks, greeted at once unless told otherwise.
+    slow = Instance(tmp_path / "slow", smtpd={"greet_pause_relay_networks": True})
     fast = Instance(tmp_path / "fast", smtpd={"greet_pause": 0})
     slow.start(processes, listen=f"127.0.0.1:{slow_port}")
     fast.start(processes, listen=f"127.0.0.1:{fast_port}")
