@@ -232,6 +232,8 @@ class Smtpd(Record):
     # permit_mynetworks).
     greet_pause_relay_networks: bool = _opt(_bool, False)
     banner: str = _opt(_str, "")
+    # A DATA line ending in a bare LF: taken as a line end, or the message refused.
+    bare_lf: str = _opt(_choice("normalize", "reject"), "normalize")
     tls: TLS = _section(TLS)
 
 

@@ -51,6 +51,7 @@ class ConfigPolicy:
         self.max_recipients = smtpd.max_recipients
         self.max_errors = smtpd.max_errors
         self.tls_available = bool(smtpd.tls.certificate and smtpd.tls.key)
+        self.bare_lf = smtpd.bare_lf
 
     def is_local_domain(self, domain: str) -> bool:
         return self.config.is_local_domain(domain)
