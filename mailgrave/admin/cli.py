@@ -127,7 +127,7 @@ def cmd_queue_action(config: configmod.Config, action: str, qids: list[str], all
     """delete / hold / release / retry: applied now, or handed to the running mailgrave-send."""
     spool = Spool(config.spool)
     if all_:
-        qids = [entry.qid for entry in spool.entries()]
+        qids = spool.targets(action)
     bad = [q for q in qids if not is_qid(q)]
     if bad:
         print(f"mailgrave: not a queue id: {bad[0]}", file=sys.stderr)

@@ -3,9 +3,10 @@
 The supervisor binds the control sockets (and SMTP listeners), then behaves
 like systemd's socket and path units: when a listening socket becomes
 readable and its service is not running, it starts the service with the
-socket as fd 3 (``LISTEN_FDS=1``); when ``todo/`` has an entry, or a retry is
-due, it starts mailgrave-send.  It reaps every child and stops them all on
-SIGINT or SIGTERM.
+socket as fd 3 (``LISTEN_FDS=1``); when ``todo/`` has an entry, ``ctl/`` a
+request, or the earliest next attempt of a deferred message has come, it starts
+mailgrave-send (``--retry-interval`` is only the fallback, as the systemd
+timer).  It reaps every child and stops them all on SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Supervisor:
         self.send_pid = 0
         self.last_send = 0.0
         self.last_todo: frozenset[str] = frozenset()
+        self.next_due: float | None = None  # earliest next attempt, read after each send run
+        self.next_due_known = False
         cfg = ["--config", config.path]
         os.makedirs(config.run_dir, exist_ok=True)
         self.spool.create()
@@ -124,6 +127,7 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             if pid == self.send_pid:
                 self.send_pid = 0
+                self.next_due_known = False
                 if code != 0:
                     log.warning("mailgrave-send exited with %s", code)
                 continue
@@ -150,7 +154,13 @@ class Supervisor:
             deferred = bool(os.listdir(self.spool.path("info")))
         except FileNotFoundError:
             return False
-        return deferred and since >= self.retry_interval
+        if not deferred:
+            return False
+        if not self.next_due_known or since >= self.retry_interval:
+            self.next_due, self.next_due_known = self.spool.next_attempt(), True
+        if since >= self.retry_interval:
+            return True
+        return self.next_due is not None and time.time() >= self.next_due and since >= 1.0
 
     def run(self) -> int:
         sel = selectors.DefaultSelector()

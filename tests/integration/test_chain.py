@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Instance, Processes, wait_for
+from tests.conftest import Instance, Processes, free_port, wait_for
 
 
 def delivered(inst: Instance, user: str) -> list[email.message.EmailMessage]:
@@ -216,3 +216,39 @@ def test_greet_pause_is_configurable(tmp_path: Path, processes: Processes) -> No
     _time_to_greeting(slow_port), _time_to_greeting(fast_port)  # warm both listeners
     assert _time_to_greeting(slow_port) >= 0.2
     assert _time_to_greeting(fast_port) < 0.15
+
+
+def _attempts(inst: Instance, qid: str) -> int:
+    shown = inst.run("mailgrave", "queue", "show", qid).stdout.decode()
+    return int(shown.split("attempts=")[1].split()[0])
+
+
+def _deferred_remote(inst: Instance, processes: Processes, retry: list[str]) -> str:
+    """`mailgrave run` with its real 60 s fallback; one message to a route whose
+    port refuses connections (deferred at once); its queue id once deferred."""
+    inst.settings["queue"] = {"retry": retry}
+    inst.settings["remote"]["routes"] = {"remote.test": f"[127.0.0.1]:{free_port()}"}
+    inst.write_config()
+    inst.start(processes, retry_interval=60.0)
+    assert inst.sendmail("user@remote.test", data=b"Subject: r\n\nx\n").returncode == 0
+    [qid] = wait_for(lambda: os.listdir(inst.spool / "info"))
+    wait_for(lambda: _attempts(inst, qid) >= 1)
+    return str(qid)
+
+
+def test_retry_happens_when_due_under_mailgrave_run(
+    instance: Instance, processes: Processes
+) -> None:
+    qid = _deferred_remote(instance, processes, ["2s", "1h"])
+    # Due 2 s after the first attempt: retried then, not at the 60 s fallback.
+    wait_for(lambda: _attempts(instance, qid) >= 2, timeout=2 + 5)
+
+
+def test_queue_retry_delivers_now_when_send_is_idle(
+    instance: Instance, processes: Processes
+) -> None:
+    qid = _deferred_remote(instance, processes, ["1h"])
+    time.sleep(3)  # send has left: nothing due for an hour
+    assert _attempts(instance, qid) == 1
+    assert instance.run("mailgrave", "queue", "retry", qid).returncode == 0
+    wait_for(lambda: _attempts(instance, qid) >= 2, timeout=10)
