@@ -9,7 +9,7 @@ import time
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
-from mailgrave.admin.supervisor import Supervisor
+from mailgrave.admin.supervisor import AlreadyRunning, Supervisor
 from mailgrave.errors import EXIT_OK
 from mailgrave.spool import RecipientState, Spool, header_lines, is_qid
 
@@ -50,8 +50,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     logmod.setup("run", args.debug)
-    config = configmod.load(args.config)
-    sup = Supervisor(config, args.listen or [], args.retry_interval)
+    config = configmod.load_or_exit(args.config, "mailgrave run", 1)
+    try:
+        sup = Supervisor(config, args.listen or [], args.retry_interval)
+    except AlreadyRunning as exc:
+        print(f"mailgrave run: {exc}; not starting a second one", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mailgrave run: cannot start: {exc}", file=sys.stderr)
+        return 1
     for spec in args.listen or []:
         print(f"mailgrave run: SMTP on {spec}", file=sys.stderr)
     print(
@@ -199,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     config = configmod.load_or_exit(args.config, "mailgrave")
     if args.command == "run":
         return cmd_run(args)
+    if not os.path.isdir(os.path.join(config.spool, "todo")):
+        print(f"mailgrave: no spool at {config.spool} (see --config)", file=sys.stderr)
+        return 1
     action = args.action or "list"
     if action == "list":
         return cmd_queue_list(config)

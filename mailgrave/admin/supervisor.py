@@ -57,6 +57,35 @@ def bind_tcp(spec: str) -> socket.socket:
     return sock
 
 
+class AlreadyRunning(Exception):
+    """Another chain serves this run_dir: its sockets must not be replaced."""
+
+
+def _claim(config: Config) -> int:
+    """Lock run_dir/run.lock for this supervisor's lifetime (its fd), or raise
+    AlreadyRunning when another ``mailgrave run`` holds it or a control socket
+    answers (the chain under systemd, or a stage started by hand)."""
+    import fcntl
+
+    fd = os.open(config.socket_path("run.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another mailgrave run uses {config.run_dir}") from None
+    for name in ("queue.ctrl", "local.ctrl", "remote.ctrl"):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(config.socket_path(name))
+        except OSError:
+            continue  # absent or stale: ours to replace
+        finally:
+            probe.close()
+        os.close(fd)
+        raise AlreadyRunning(f"{config.socket_path(name)} is served by a running mailgrave")
+    return fd
+
+
 class Supervisor:
     def __init__(self, config: Config, listen: list[str], retry_interval: float) -> None:
         self.config = config
@@ -70,6 +99,7 @@ class Supervisor:
         self.next_due_known = False
         cfg = ["--config", config.path]
         os.makedirs(config.run_dir, exist_ok=True)
+        self.lock_fd = _claim(config)
         self.spool.create()
         run = config.socket_path
         self.services = [

@@ -252,3 +252,31 @@ def test_queue_retry_delivers_now_when_send_is_idle(
     assert _attempts(instance, qid) == 1
     assert instance.run("mailgrave", "queue", "retry", qid).returncode == 0
     wait_for(lambda: _attempts(instance, qid) >= 2, timeout=10)
+
+
+def test_message_refused_by_smtpd_is_no_queue_error(
+    instance: Instance, processes: Processes
+) -> None:
+    import smtplib
+
+    instance.settings["smtpd"] = {"max_message_size": 1000}
+    instance.write_config()
+    port = free_port()
+    instance.start(processes, listen=f"127.0.0.1:{port}")
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # no SIZE=: refused only after the data, once the queue has the envelope
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.org>\r\n")
+        sock.sendall(b"DATA\r\n" + (b"x" * 78 + b"\r\n") * 40 + b".\r\nQUIT\r\n")
+        got = b""
+        while b"221 " not in got:
+            data = sock.recv(4096)
+            assert data, got
+            got += data
+        assert b"\r\n552 5.3.4" in got, got
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("a@example.org", ["alice@example.org"], b"Subject: ok\r\n\r\nok\r\n")
+    wait_for(lambda: instance.messages("alice"))
+    log = instance.log.read_text()
+    assert "truncated" not in log and "cannot write to the spool" not in log, log

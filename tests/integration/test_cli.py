@@ -159,3 +159,28 @@ def test_send_stays_for_a_retry_due_soon(instance: Instance, processes: Processe
     [qid] = os.listdir(instance.spool / "info")
     assert _attempts(instance, qid) == 2
     assert "next in 59m" in instance.run("mailgrave", "queue").stdout.decode()
+
+
+def test_queue_without_a_spool_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "mailgrave.yaml"
+    cfg.write_text(f"spool: {tmp_path / 'nowhere'}\n")
+    for args in (["queue"], ["queue", "retry", "--all"], ["queue", "show", "0" * 15]):
+        res = subprocess.run(
+            [program("mailgrave"), "--config", str(cfg), *args], capture_output=True, timeout=60
+        )
+        assert res.returncode == 1, args
+        assert res.stderr.decode().splitlines() == [
+            f"mailgrave: no spool at {tmp_path / 'nowhere'} (see --config)"
+        ]
+
+
+def test_second_mailgrave_run_refuses_and_leaves_the_first_alone(
+    instance: Instance, processes: Processes
+) -> None:
+    instance.start(processes)
+    res = instance.run("mailgrave", "run", timeout=30)
+    assert res.returncode == 1
+    [line] = res.stderr.decode().splitlines()
+    assert "not starting a second one" in line
+    # the first still takes mail
+    assert instance.sendmail("alice@example.org", data=b"Subject: x\n\ny\n").returncode == 0
