@@ -151,7 +151,8 @@ class Scheduler:
                 )
             return
         failures = [
-            Failure(r.addr, r.last_reply, policy.notice_status(r, delay)) for r in recipients
+            Failure(r.addr, r.last_reply, policy.notice_status(r, delay), r.remote)
+            for r in recipients
         ]
         try:
             qc = ctrl.QueueClient(self.config.socket_path("queue.ctrl"), {}, Envelope("", (to,)))

@@ -344,9 +344,11 @@ class Server:
 
     @property
     def proto(self) -> str:
+        """The Received: line's "with" (RFC 3848; UTF8SMTP when the transaction uses
+        SMTPUTF8, RFC 6531 §4.3), S for TLS."""
         if not self.esmtp:
             return "SMTP"
-        return "ESMTPS" if self.tls else "ESMTP"
+        return ("UTF8SMTP" if self.utf8 else "ESMTP") + ("S" if self.tls else "")
 
     # --- internals
 

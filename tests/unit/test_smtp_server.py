@@ -552,6 +552,29 @@ def test_starttls_discards_pipelined_and_requires_ehlo() -> None:
     assert start.proto == "ESMTPS"
 
 
+@pytest.mark.parametrize(
+    ("tls", "utf8", "proto"),
+    [
+        (False, False, "ESMTP"),
+        (True, False, "ESMTPS"),
+        (False, True, "UTF8SMTP"),
+        (True, True, "UTF8SMTPS"),
+    ],
+)
+def test_proto_for_received_rfc3848_rfc6531(tls: bool, utf8: bool, proto: str) -> None:
+    d = Dialog(tls_available=True).ready()
+    if tls:
+        d.code("STARTTLS")
+        d.server.tls_started()
+        d.ready()
+    param = " SMTPUTF8" if utf8 else ""
+    assert d.code(f"MAIL FROM:<a@b.test>{param}") == "250 2.0.0"
+    assert d.code("RCPT TO:<alice@example.org>") == "250 2.0.0"
+    d.code("DATA")
+    start = [e for e in d.events if isinstance(e, S.MessageStart)][-1]
+    assert start.proto == proto
+
+
 def test_starttls_not_in_transaction() -> None:
     d = Dialog(tls_available=True).ready()
     d.code("MAIL FROM:<a@b.test>")
