@@ -30,7 +30,7 @@ define apt_ensure
 	fi
 endef
 
-.PHONY: all deps venv run test lint unit integration check-config clean bench \
+.PHONY: all deps venv run test lint unit integration check-config clean bench smtp-source \
 	pkg-deps deb system-test
 
 all: venv
@@ -65,10 +65,21 @@ lint: venv
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: venv
+integration: venv smtp-source
 	$(BIN)/python -m pytest -q tests/integration
 
-test: venv lint
+# Postfix's smtp-source, for the tests: taken out of Debian's postfix package
+# without installing it (installing would start Postfix and take port 25).
+SMTP_SOURCE := $(VENV)/postfix/usr/sbin/smtp-source
+smtp-source: $(SMTP_SOURCE)
+$(SMTP_SOURCE): $(VENV)/.deps-stamp
+	@if command -v /usr/sbin/smtp-source >/dev/null; then mkdir -p $(dir $@) && ln -sf /usr/sbin/smtp-source $@; \
+	else tmp=$$(mktemp -d) && chmod 755 $$tmp && \
+		(cd $$tmp && env PATH=$(DEBIAN_PATH) apt-get download -qq postfix) && \
+		dpkg-deb -x $$tmp/postfix_*.deb $(VENV)/postfix && rm -rf $$tmp; fi
+	@touch $@
+
+test: venv lint smtp-source
 	$(BIN)/python -m pytest -q tests/unit tests/integration
 
 # Packaging and the system test need more than the unit tests: installed by

@@ -110,3 +110,40 @@ def parse_or_local(text: str, default_domain: str) -> Address:
     if "@" not in text:
         text = f"{text}@{default_domain}"
     return parse(text)
+
+
+_ATEXT = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
+)
+
+
+def _is_dot_atom(text: str) -> bool:
+    """RFC 5322 dot-atom (UTF-8 allowed, RFC 6532): atext runs joined by single dots."""
+    return all(
+        part and all(ch in _ATEXT or not ch.isascii() for ch in part) for part in text.split(".")
+    )
+
+
+def _is_quoted_string(text: str) -> bool:
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return False
+    inner, i = text[1:-1], 0
+    while i < len(inner):
+        if inner[i] == "\\":
+            i += 1
+            if i == len(inner):
+                return False
+        elif inner[i] == '"':
+            return False
+        i += 1
+    return True
+
+
+def parse_mailbox(text: str, default_domain: str) -> Address:
+    """A mailbox a user typed (sendmail's arguments, a To: header): like
+    :func:`parse_or_local`, and the local part must be a dot-atom or a quoted
+    string (``alice@@example.org``, ``a..b@x`` are refused)."""
+    addr = parse_or_local(text, default_domain)
+    if not (_is_dot_atom(addr.local) or _is_quoted_string(addr.local)):
+        raise AddressError("bad local part")
+    return addr

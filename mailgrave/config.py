@@ -249,11 +249,19 @@ class Smtpd(Record):
     max_errors: int = _opt(_int, 10)
     max_connections: int = _opt(_int, 100)
     max_connections_per_client: int = _opt(_int, 10)
+    # Clients in relay_networks are exempt from max_connections_per_client
+    # unless this is true (as Postfix exempts $mynetworks).
+    limit_relay_networks: bool = _opt(_bool, False)
     idle_exit: float = _opt(parse_duration, 60.0)
     # How long a client must stay quiet before the greeting (talking early is
     # refused); 0 greets at once and only catches what arrived before it.
     greet_pause: float = _opt(parse_duration, 0.2)
+    # relay_networks are greeted at once unless this is true (postscreen's
+    # permit_mynetworks).
+    greet_pause_relay_networks: bool = _opt(_bool, False)
     banner: str = _opt(_str, "")
+    # A DATA line ending in a bare LF: taken as a line end, or the message refused.
+    bare_lf: str = _opt(_choice("normalize", "reject"), "normalize")
     tls: TLS = _section(TLS)
 
 

@@ -334,6 +334,12 @@ class Entry(Record):
     bounced: list[str] = factory(list)
     transcript: list[str] = factory(list)
 
+    def next_attempt(self) -> float | None:
+        """When a recipient is due next (epoch seconds); None when held or nothing is pending."""
+        if self.held:
+            return None
+        return min((r.next_attempt for r in self.recipients if not r.done), default=None)
+
     def to_json(self) -> bytes:
         data: dict[str, Any] = {
             "qid": self.qid,
@@ -468,6 +474,24 @@ class Spool:
                 found[qid] = entry
         return [found[qid] for qid in sorted(found)]
 
+    def next_attempt(self) -> float | None:
+        """The earliest next attempt of any taken-over message (None: nothing waits)."""
+        due = None
+        for qid in self.deferred():
+            try:
+                entry = self.read_entry(qid)
+            except (OSError, ValueError, KeyError):
+                continue
+            when = entry.next_attempt() if entry is not None else None
+            if when is not None and (due is None or when < due):
+                due = when
+        return due
+
+    def targets(self, action: str) -> list[str]:
+        """The messages ``mailgrave queue ACTION --all`` acts on: every one, except
+        that a flush (retry) leaves held messages held."""
+        return [e.qid for e in self.entries() if not (action == "retry" and e.held)]
+
     def take_over(self, entry: Entry) -> None:
         """Move a new message out of todo/ into mess/ + info/ (it has work left).
 
@@ -588,7 +612,7 @@ class Spool:
         elif action == "release":
             entry.held = False
         elif action == "retry":
-            entry.held = False
+            entry.held = False  # retry of this very message releases it (mailgrave(8))
             for r in entry.recipients:
                 if not r.done:
                     r.next_attempt = 0.0

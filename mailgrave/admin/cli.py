@@ -11,7 +11,7 @@ import time
 from mailgrave import config as configmod
 from mailgrave import log as logmod
 from mailgrave import users as usersmod
-from mailgrave.admin.supervisor import Supervisor
+from mailgrave.admin.supervisor import AlreadyRunning, Supervisor
 from mailgrave.errors import EXIT_OK
 from mailgrave.spool import RecipientState, Spool, header_lines, is_qid
 
@@ -91,10 +91,17 @@ def _check_auth(config: configmod.Config, path: str) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     logmod.setup("run", args.debug)
-    config = configmod.load(args.config)
-    sup = Supervisor(
-        config, args.listen or [], args.retry_interval, args.submission or [], args.smtps or []
-    )
+    config = configmod.load_or_exit(args.config, "mailgrave run", 1)
+    try:
+        sup = Supervisor(
+            config, args.listen or [], args.retry_interval, args.submission or [], args.smtps or []
+        )
+    except AlreadyRunning as exc:
+        print(f"mailgrave run: {exc}; not starting a second one", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mailgrave run: cannot start: {exc}", file=sys.stderr)
+        return 1
     for kind, specs in (
         ("SMTP", args.listen),
         ("submission", args.submission),
@@ -232,7 +239,7 @@ def cmd_queue_action(config: configmod.Config, action: str, qids: list[str], all
     """delete / hold / release / retry: applied now, or handed to the running mailgrave-send."""
     spool = Spool(config.spool)
     if all_:
-        qids = [entry.qid for entry in spool.entries()]
+        qids = spool.targets(action)
     bad = [q for q in qids if not is_qid(q)]
     if bad:
         print(f"mailgrave: not a queue id: {bad[0]}", file=sys.stderr)
@@ -330,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "user":
         return cmd_user(config, args)
+    if not os.path.isdir(os.path.join(config.spool, "todo")):
+        print(f"mailgrave: no spool at {config.spool} (see --config)", file=sys.stderr)
+        return 1
     action = args.action or "list"
     if action == "list":
         return cmd_queue_list(config)

@@ -3,9 +3,10 @@
 The supervisor binds the control sockets (and SMTP listeners), then behaves
 like systemd's socket and path units: when a listening socket becomes
 readable and its service is not running, it starts the service with the
-socket as fd 3 (``LISTEN_FDS=1``); when ``todo/`` has an entry, or a retry is
-due, it starts mailgrave-send.  It reaps every child and stops them all on
-SIGINT or SIGTERM.
+socket as fd 3 (``LISTEN_FDS=1``); when ``todo/`` has an entry, ``ctl/`` a
+request, or the earliest next attempt of a deferred message has come, it starts
+mailgrave-send (``--retry-interval`` is only the fallback, as the systemd
+timer).  It reaps every child and stops them all on SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -58,6 +59,35 @@ def bind_tcp(spec: str) -> socket.socket:
     return sock
 
 
+class AlreadyRunning(Exception):
+    """Another chain serves this run_dir: its sockets must not be replaced."""
+
+
+def _claim(config: Config) -> int:
+    """Lock run_dir/run.lock for this supervisor's lifetime (its fd), or raise
+    AlreadyRunning when another ``mailgrave run`` holds it or a control socket
+    answers (the chain under systemd, or a stage started by hand)."""
+    import fcntl
+
+    fd = os.open(config.socket_path("run.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"another mailgrave run uses {config.run_dir}") from None
+    for name in ("queue.ctrl", "local.ctrl", "remote.ctrl"):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(config.socket_path(name))
+        except OSError:
+            continue  # absent or stale: ours to replace
+        finally:
+            probe.close()
+        os.close(fd)
+        raise AlreadyRunning(f"{config.socket_path(name)} is served by a running mailgrave")
+    return fd
+
+
 class Supervisor:
     def __init__(
         self,
@@ -75,8 +105,11 @@ class Supervisor:
         self.children = Children()
         self.last_send = 0.0
         self.last_todo: frozenset[str] = frozenset()
+        self.next_due: float | None = None  # earliest next attempt, read after each send run
+        self.next_due_known = False
         cfg = ["--config", config.path]
         os.makedirs(config.run_dir, exist_ok=True)
+        self.lock_fd = _claim(config)
         self.spool.create()
         run = config.socket_path
         self.services = [
@@ -133,6 +166,7 @@ class Supervisor:
         for _pid, tag, code in self.children.reap():
             if tag == "send":
                 self.send_pid = 0
+                self.next_due_known = False
                 if code != 0:
                     log.warning("mailgrave-send exited with %s", code)
                 continue
@@ -158,7 +192,13 @@ class Supervisor:
             deferred = bool(os.listdir(self.spool.path("info")))
         except FileNotFoundError:
             return False
-        return deferred and since >= self.retry_interval
+        if not deferred:
+            return False
+        if not self.next_due_known or since >= self.retry_interval:
+            self.next_due, self.next_due_known = self.spool.next_attempt(), True
+        if since >= self.retry_interval:
+            return True
+        return self.next_due is not None and time.time() >= self.next_due and since >= 1.0
 
     def run(self) -> int:
         sel = selectors.DefaultSelector()

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from mailgrave import config as configmod
 from mailgrave import ctrl
-from mailgrave.address import AddressError, parse_or_local
+from mailgrave.address import AddressError, parse_mailbox
 from mailgrave.envelope import Envelope
 from mailgrave.errors import PermFail, TempFail
 from mailgrave.headers import message_id, rfc5322_date
@@ -55,6 +55,15 @@ _IGNORED_FLAGS = set("UGnmsvdx")
 
 class UsageError(Exception):
     pass
+
+
+class BadAddress(PermFail):
+    """An address that is not a mailbox: on the command line a usage error (64),
+    in a -t header a data error (65). Nothing is queued."""
+
+    def __init__(self, text: str, exit_code: int) -> None:
+        super().__init__(text)
+        self.exit_code = exit_code
 
 
 @record(frozen=False)
@@ -188,10 +197,11 @@ def read_header(stream: BinaryIO, dot_ends: bool) -> Header:
 
 
 def header_addresses(fields: list[tuple[str, bytes]], names: tuple[str, ...]) -> list[str]:
+    """The addresses of the named fields; BadAddress when a field does not parse."""
     from email.header import decode_header, make_header
     from email.utils import getaddresses
 
-    values = []
+    found = []
     for name, raw in fields:
         if name in names:
             text = raw.split(b":", 1)[1].decode("utf-8", "replace")
@@ -200,8 +210,15 @@ def header_addresses(fields: list[tuple[str, bytes]], names: tuple[str, ...]) ->
                 text = str(make_header(decode_header(text)))
             except Exception:  # a broken encoded-word: keep the raw text
                 pass
-            values.append(text)
-    return [addr for _name, addr in getaddresses(values) if addr]
+            pairs = getaddresses([text])
+            # getaddresses gives ("", "") for what it cannot parse, and for an
+            # empty group ("undisclosed-recipients:;"), which is no error.
+            empty_group = ":" in text and text.rstrip().endswith(";")
+            if text.strip() and ("", "") in pairs and not empty_group:
+                shown = text[:80].encode("unicode_escape").decode("ascii")
+                raise BadAddress(f"bad address in the {name.title()}: header: {shown!r}", 65)
+            found += [addr for _name, addr in pairs if addr]
+    return found
 
 
 # --- submission ---------------------------------------------------------------
@@ -263,25 +280,28 @@ def submit(opts: Options, config: configmod.Config, stream: BinaryIO) -> str:
         sender = opts.sender.strip("<>")
     if sender:
         try:
-            sender = str(parse_or_local(sender, origin))
+            sender = str(parse_mailbox(sender, origin))
         except AddressError as exc:
-            raise PermFail(f"bad sender address {sender!r}: {exc}") from None
-    header = read_header(stream, opts.dot_ends)
-    wanted = list(opts.recipients)
-    if opts.from_headers:
-        wanted += header_addresses(header.fields, ("to", "cc", "bcc"))
+            raise BadAddress(f"bad sender address {sender!r}: {exc}", 64) from None
     recipients: list[str] = []
-    for text in wanted:
-        for part in text.split(","):
-            part = part.strip().strip("<>")
-            if not part:
-                continue
-            try:
-                addr = str(parse_or_local(part, origin))
-            except AddressError as exc:
-                raise PermFail(f"bad recipient address {part!r}: {exc}") from None
-            if addr not in recipients:
-                recipients.append(addr)
+
+    def add(texts: list[str], exit_code: int) -> None:
+        for text in texts:
+            for part in text.split(","):
+                part = part.strip().strip("<>")
+                if not part:
+                    continue
+                try:
+                    addr = str(parse_mailbox(part, origin))
+                except AddressError as exc:
+                    raise BadAddress(f"bad recipient address {part!r}: {exc}", exit_code) from None
+                if addr not in recipients:
+                    recipients.append(addr)
+
+    add(opts.recipients, 64)  # before reading the message: a usage error
+    header = read_header(stream, opts.dot_ends)
+    if opts.from_headers:
+        add(header_addresses(header.fields, ("to", "cc", "bcc")), 65)
     if not recipients:
         raise PermFail("no recipients given (name them, or use -t with To:/Cc:/Bcc:)")
     kept = b"".join(raw for name, raw in header.fields if name not in ("bcc", "resent-bcc"))
@@ -326,6 +346,9 @@ def main(argv: list[str] | None = None, prog: str = "mailgrave-inject") -> int:
     config = configmod.load_or_exit(opts.config, prog, EX_CONFIG)
     try:
         qid = submit(opts, config, sys.stdin.buffer)
+    except BadAddress as exc:
+        print(f"{prog}: {exc.text}; message not sent", file=sys.stderr)
+        return exc.exit_code
     except PermFail as exc:
         print(f"{prog}: {exc.text}", file=sys.stderr)
         return EX_DATAERR

@@ -76,6 +76,8 @@ class Queue:
             entry.commit(self.todo_sync)
             entry = None
             return qid, envelope, size
+        except ConnectionError:
+            raise  # the client ended before the message did (an abort): not a spool error
         except OSError as exc:
             log.error("%s: cannot write to the spool: %s", qid, exc.strerror or exc)
             raise TempFail("4.3.0 cannot write to the spool") from None

@@ -19,6 +19,21 @@ class Failure(Record):
     recipient: str
     reply: str
     status: str  # enhanced status code, e.g. 5.1.1 or 4.4.7
+    remote: str = ""  # the peer that gave the reply, name[address]:port (remote deliveries)
+
+    def diagnostic(self) -> str:
+        """The reply itself (``550 5.1.1 ...``), without the peer's name before it."""
+        prefix = f"{self.remote} said: "
+        return (
+            self.reply[len(prefix) :]
+            if self.remote and self.reply.startswith(prefix)
+            else self.reply
+        )
+
+    def remote_mta(self) -> str:
+        """The peer's host name (or its address when it has none)."""
+        name, _, rest = self.remote.partition("[")
+        return name or rest.partition("]")[0]
 
 
 def _header_value(text: str) -> str:
@@ -106,7 +121,8 @@ def notification(
             f"Final-Recipient: {kind}; {f.recipient}",
             f"Action: {action}",
             f"Status: {f.status}",
-            f"Diagnostic-Code: smtp; {_header_value(f.reply)}",
+            *([f"Remote-MTA: dns; {_header_value(f.remote_mta())}"] if f.remote else []),
+            f"Diagnostic-Code: smtp; {_header_value(f.diagnostic())}",
             f"Last-Attempt-Date: {date}",
             "",
         ]

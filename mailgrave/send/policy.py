@@ -169,3 +169,15 @@ def notice_status(r: Recipient, delay: bool) -> str:
     if r.status and (r.status[0] == "5") == (not delay):
         return r.status
     return "4.0.0" if delay else "5.0.0"
+
+
+# mailgrave-send.timer starts send at most OnUnitInactiveSec=1min (+ AccuracySec=5s)
+# after a run ends. A run that stays while the next attempt is at most this far
+# away therefore sees every attempt time: each is retried when due, not at the
+# next tick of the timer.
+LINGER_HORIZON = 90.0
+
+
+def linger_for(next_attempt: float | None, now: float) -> bool:
+    """Should an idle run stay for the next attempt (rather than leave it to the timer)?"""
+    return next_attempt is not None and next_attempt - now <= LINGER_HORIZON

@@ -151,7 +151,8 @@ class Scheduler:
                 )
             return
         failures = [
-            Failure(r.addr, r.last_reply, policy.notice_status(r, delay)) for r in recipients
+            Failure(r.addr, r.last_reply, policy.notice_status(r, delay), r.remote)
+            for r in recipients
         ]
         try:
             qc = ctrl.QueueClient(self.config.socket_path("queue.ctrl"), {}, Envelope("", (to,)))
@@ -183,12 +184,20 @@ class Scheduler:
         # go over the same (reused) connection one after another.
         waiting: dict[str, deque[Job]] = {}
         active: dict[str, int] = {}
-        last_deferred_scan = 0.0
+        last_deferred_scan = -DEFERRED_RESCAN
         last_work = time.monotonic()
+        # When idle: the earliest next attempt of a deferred message (None: not
+        # looked up since the last work; inf: nothing waits).
+        wake_at: float | None = None
+        woke = False  # a rescan was made for wake_at and found nothing to do yet
         try:
             while True:
                 if not self.stopping:
-                    self.apply_control_requests()
+                    if self.apply_control_requests():
+                        wake_at, woke = None, False
+                    if wake_at is not None and self.now() >= wake_at:
+                        wake_at, last_deferred_scan = None, -DEFERRED_RESCAN  # due now
+                        woke = True
                     rescan = time.monotonic() - last_deferred_scan >= DEFERRED_RESCAN
                     if rescan:
                         last_deferred_scan = time.monotonic()
@@ -199,11 +208,21 @@ class Scheduler:
                     self._start(pool, futures, waiting, active)
                 if futures:
                     last_work = time.monotonic()
-                elif self.stopping or time.monotonic() - last_work >= LINGER:
+                    wake_at, woke = None, False
+                elif self.stopping:
                     break
                 else:
-                    # Nothing due: stay a moment for mail that is arriving
-                    # (a burst), instead of exiting and being started again.
+                    # Nothing due: stay a moment for mail that is arriving (a
+                    # burst), and for a retry due soon (policy.LINGER_HORIZON),
+                    # instead of exiting and waiting for the timer.
+                    if wake_at is None:
+                        due = self.spool.next_attempt()
+                        # Due, yet the rescan found nothing to start: not a reason to stay.
+                        stuck = due is not None and woke and due <= self.now()
+                        wake_at = float("inf") if due is None or stuck else due
+                    idle = time.monotonic() - last_work >= LINGER
+                    if idle and not policy.linger_for(wake_at, self.now()):
+                        break
                     time.sleep(TODO_POLL)
                     continue
                 done, _ = wait(list(futures), timeout=0.2, return_when=FIRST_COMPLETED)
@@ -266,14 +285,18 @@ class Scheduler:
         except OSError as exc:
             log.error("%s: cannot save state: %s", entry.qid, exc)
 
-    def apply_control_requests(self) -> None:
-        """Requests that `mailgrave queue` left in ctl/ while this run held the lock."""
+    def apply_control_requests(self) -> bool:
+        """Requests that `mailgrave queue` left in ctl/ while this run held the lock;
+        True when there were any."""
+        found = False
         for qid, action, path in self.spool.requests():
             if qid in self.inflight:
                 continue
             if action in ACTIONS:
                 self.spool.apply(qid, action)
             Spool.unlink_quiet(path)
+            found = True
+        return found
 
     def clean(self) -> None:
         for path in self.spool.stale():

@@ -39,6 +39,9 @@ class Policy(Protocol):
     max_recipients: int
     max_errors: int
     tls_available: bool
+    # "normalize": an LF-terminated DATA line is a line end (stored as CRLF);
+    # "reject": it refuses the message. Either way only CRLF "." CRLF ends DATA.
+    bare_lf: str
 
     def is_local_domain(self, domain: str) -> bool: ...
 
@@ -874,9 +877,13 @@ class Server:
         """Consume whole lines; forward them unless the message is already refused.
 
         Only CRLF "." CRLF ends the data, and only after a line that itself
-        ended with CRLF: a bare LF or CR anywhere refuses the message, which
-        is still read to its real end (no SMTP smuggling).
+        ended with CRLF (no SMTP smuggling). A line that ends in a bare LF is
+        taken as a line end and passed on with CRLF when the policy's
+        ``bare_lf`` is "normalize" (Postfix 3.9's default), and refuses the
+        message when it is "reject"; a bare CR always refuses it. A refused
+        message is still read to its real end.
         """
+        normalize = self.policy.bare_lf == "normalize"
         buf = self._buf
         out = bytearray()
         pos = 0
@@ -901,8 +908,10 @@ class Server:
             if crlf and at_start and self._prev_crlf and content == b".":
                 finished = True
                 break
-            if not crlf or b"\r" in content:
+            if b"\r" in content or not (crlf or normalize):
                 self._flaw(R.BARE_LF_DATA)
+            elif not crlf:
+                line = content + b"\r\n"
             if b"\x00" in content:
                 self._flaw(R.NUL_DATA)
             if len(line) > MAX_LINE:
@@ -1020,9 +1029,10 @@ class Server:
         return False
 
     def _scan_chunk(self, piece: bytes) -> None:
-        """DATA's rules for the stored message, applied to chunk octets: only CRLF
-        line ends (a bare LF or CR refuses the message), no NUL, lines of at most
-        1000 octets. No dot-stuffing: BDAT octets are taken as they are."""
+        """DATA's rules for the stored message, applied to chunk octets: CRLF line
+        ends (a bare LF is one too with ``bare_lf: normalize``, stored as CRLF; a
+        bare CR always refuses the message), no NUL, lines of at most 1000
+        octets. No dot-stuffing: BDAT octets are taken as they are."""
         self._data_size += len(piece)
         data = (b"\r" if self._chunk_cr else b"") + piece
         self._chunk_cr = data.endswith(b"\r")
@@ -1030,6 +1040,8 @@ class Server:
             data = data[:-1]  # it may be the CR of a CRLF split between pieces
         if self._data_flaw is not None:
             return
+        if self.policy.bare_lf == "normalize" and b"\n" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         crlf = data.count(b"\r\n")
         if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
             self._flaw(R.BARE_LF_DATA)

@@ -45,6 +45,10 @@ class Listener:
         self.mode = mode
         self.sockets = sockets
         self.children: dict[int, str] = {}  # pid -> client address, one per connection
+        # pid -> our end of a pipe or socketpair whose other end the child closes
+        # when its session is over (before its last reply): only these count
+        # against the limits, not children that are still exiting.
+        self.live: dict[int, int] = {}
         self.spares: dict[int, socket.socket] = {}  # pid -> our end of its socketpair
         self.leaving: set[int] = set()  # spares sent away, not yet reaped
         self.last_accept = 0.0
@@ -95,16 +99,37 @@ class Listener:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 self.children.clear()
+                for child in list(self.live):
+                    self._forget_live(child)
                 self._drop_spares()
                 self.leaving.clear()
                 return
             if pid == 0:
                 return
             self.children.pop(pid, None)
+            self._forget_live(pid)
             self.leaving.discard(pid)
             spare = self.spares.pop(pid, None)
             if spare is not None:
                 spare.close()
+
+    def _forget_live(self, pid: int) -> None:
+        fd = self.live.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _sessions_ended(self) -> None:
+        """Forget the sessions that have said they are over (their end of the pipe closed)."""
+        if not self.live:
+            return
+        by_fd = {fd: pid for pid, fd in self.live.items()}
+        ended, _, _ = select.select(list(by_fd), [], [], 0)
+        for fd in ended:
+            self._forget_live(by_fd[fd])
+
+    def live_sessions(self, ip: str | None = None) -> int:
+        self._sessions_ended()
+        return sum(1 for pid in self.live if ip is None or self.children.get(pid) == ip)
 
     def _drop_spares(self) -> None:
         """Send the spares away: each leaves when its socketpair closes."""
@@ -123,6 +148,9 @@ class Listener:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             for sock in [*self.sockets, *self.spares.values()]:
                 sock.close()
+            for fd in self.live.values():
+                os.close(fd)
+            self.live.clear()
         return pid
 
     def _fork_spare(self) -> None:
@@ -136,10 +164,12 @@ class Listener:
 
         def wait_and_serve() -> None:
             data, fds, _flags, _addr = socket.recv_fds(theirs, 256, 1)
-            theirs.close()
             if fds:  # nothing (the socketpair closed): no longer needed
                 conn = socket.socket(fileno=fds[0])
-                serve_connection(self.config, conn, data.decode("ascii", "replace"), self.mode)
+                # The socketpair stays open while the session lives: see Listener.live.
+                ip = data.decode("ascii", "replace")
+                serve_connection(self.config, conn, ip, self.mode, on_end=theirs.close)
+            theirs.close()
 
         run_and_exit(wait_and_serve)
 
@@ -149,10 +179,10 @@ class Listener:
             try:
                 socket.send_fds(sock, [ip.encode("ascii", "replace")], [conn.fileno()])
             except OSError:
-                continue  # that spare is gone; reap() collects it
-            finally:
                 sock.close()
+                continue  # that spare is gone; reap() collects it
             self.children[pid] = ip
+            self.live[pid] = sock.detach()
             return True
         return False
 
@@ -170,9 +200,12 @@ class Listener:
         conn.setblocking(True)
         ip = _plain_ip(str(addr[0])) if isinstance(addr, tuple) and addr else "unknown"
         smtpd = self.config.smtpd
-        per_client = sum(1 for c in self.children.values() if c == ip)
-        if (smtpd.max_connections and len(self.children) >= smtpd.max_connections) or (
-            smtpd.max_connections_per_client and per_client >= smtpd.max_connections_per_client
+        self.reap()
+        limit_client = smtpd.max_connections_per_client
+        if limit_client and not smtpd.limit_relay_networks and self.config.may_relay(ip):
+            limit_client = 0  # relay_networks are exempt, as Postfix exempts $mynetworks
+        if (smtpd.max_connections and self.live_sessions() >= smtpd.max_connections) or (
+            limit_client and self.live_sessions(ip) >= limit_client
         ):
             maillog.rejected("connect", f"[{ip}]", "too many connections")
             try:
@@ -185,10 +218,17 @@ class Listener:
         if self._hand_to_spare(conn, ip):
             conn.close()
             return
+        ours, theirs = os.pipe()
         pid = self._fork()
         if pid == 0:
-            run_and_exit(lambda: serve_connection(self.config, conn, ip, self.mode))
+            run_and_exit(
+                lambda: serve_connection(
+                    self.config, conn, ip, self.mode, on_end=lambda: os.close(theirs)
+                )
+            )
+        os.close(theirs)
         self.children[pid] = ip
+        self.live[pid] = ours
         conn.close()
 
 

@@ -29,6 +29,7 @@ from mailgrave.smtp import server as S
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Callable
     from typing import Any
 
 log = mglog.getLogger(__name__)
@@ -58,6 +59,7 @@ class ConfigPolicy:
         self.max_recipients = smtpd.max_recipients
         self.max_errors = smtpd.max_errors
         self.tls_available = bool(smtpd.tls.certificate and smtpd.tls.key)
+        self.bare_lf = smtpd.bare_lf
         self.checks: Any = None  # mailgrave.smtpd.checks.SenderChecks, loaded when needed
         self.sender_checks = True  # False in the listener's warm-up session (no DNS)
         self.submission = mode != "smtp"
@@ -250,6 +252,14 @@ class Session:
         self.closed = False
         self.close_reason = "connection lost"
         self.rejections = 0
+        # Called once when the session is over, before its last reply goes out:
+        # the warm parent counts only live sessions against the limits.
+        self.on_end: Callable[[], None] | None = None
+
+    def _ended(self) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
     def run(self) -> None:
         log.info("connect from [%s]", self.client_ip)
@@ -258,6 +268,7 @@ class Session:
         except (OSError, TimeoutError) as exc:
             self.close_reason = f"connection lost: {type(exc).__name__}"
         finally:
+            self._ended()
             self._abort_queue()
             self.channel.close()
             log.info(
@@ -273,8 +284,11 @@ class Session:
             # RFC 8314: TLS from the first byte, then the greeting inside it.
             self._start_tls()
         # No pause on submission (RFC 6409 clients are not spam robots, and
-        # their users wait for it).
-        pause = self.config.smtpd.greet_pause if self.mode == "smtp" else 0
+        # their users wait for it), nor for relay_networks unless configured.
+        smtpd = self.config.smtpd
+        pause = smtpd.greet_pause if self.mode == "smtp" else 0.0
+        if pause and not smtpd.greet_pause_relay_networks and self.config.may_relay(self.client_ip):
+            pause = 0.0  # a trusted client: greeted at once
         if pause and self.channel.readable(pause):
             if not self.channel.peek():
                 self.close_reason = "client left before the greeting"
@@ -327,6 +341,7 @@ class Session:
                 self._start_tls()
                 queue[:0] = self.server.tls_started()
             elif isinstance(ev, S.Close):
+                self._ended()
                 flush()
                 self.close_reason = ev.reason
                 self.closed = True
@@ -440,7 +455,11 @@ def serve_connection(
     sock: socket.socket | None,
     client_ip: str | None = None,
     mode: str = "smtp",
+    on_end: Callable[[], None] | None = None,
 ) -> None:
-    """Run one SMTP session on ``sock`` (or on fds 0/1 when None)."""
+    """Run one SMTP session on ``sock`` (or on fds 0/1 when None); ``on_end`` is
+    called when the session is over, before its last reply is sent."""
     channel = Channel(sock, config.smtpd.timeout)
-    Session(config, channel, client_ip or _client_ip(sock), mode).run()
+    session = Session(config, channel, client_ip or _client_ip(sock), mode)
+    session.on_end = on_end
+    session.run()

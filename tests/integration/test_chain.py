@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Instance, Processes, wait_for
+from tests.conftest import Instance, Processes, free_port, wait_for
 
 
 def delivered(inst: Instance, user: str) -> list[email.message.EmailMessage]:
@@ -208,10 +208,75 @@ def test_greet_pause_is_configurable(tmp_path: Path, processes: Processes) -> No
     slow_port, fast_port = free_port(), free_port()
     (tmp_path / "slow").mkdir()
     (tmp_path / "fast").mkdir()
-    slow = Instance(tmp_path / "slow")
+    # Loopback is in relay_networks, greeted at once unless told otherwise.
+    slow = Instance(tmp_path / "slow", smtpd={"greet_pause_relay_networks": True})
     fast = Instance(tmp_path / "fast", smtpd={"greet_pause": 0})
     slow.start(processes, listen=f"127.0.0.1:{slow_port}")
     fast.start(processes, listen=f"127.0.0.1:{fast_port}")
     _time_to_greeting(slow_port), _time_to_greeting(fast_port)  # warm both listeners
     assert _time_to_greeting(slow_port) >= 0.2
     assert _time_to_greeting(fast_port) < 0.15
+
+
+def _attempts(inst: Instance, qid: str) -> int:
+    shown = inst.run("mailgrave", "queue", "show", qid).stdout.decode()
+    return int(shown.split("attempts=")[1].split()[0])
+
+
+def _deferred_remote(inst: Instance, processes: Processes, retry: list[str]) -> str:
+    """`mailgrave run` with its real 60 s fallback; one message to a route whose
+    port refuses connections (deferred at once); its queue id once deferred."""
+    inst.settings["queue"] = {"retry": retry}
+    inst.settings["remote"]["routes"] = {"remote.test": f"[127.0.0.1]:{free_port()}"}
+    inst.write_config()
+    inst.start(processes, retry_interval=60.0)
+    assert inst.sendmail("user@remote.test", data=b"Subject: r\n\nx\n").returncode == 0
+    [qid] = wait_for(lambda: os.listdir(inst.spool / "info"))
+    wait_for(lambda: _attempts(inst, qid) >= 1)
+    return str(qid)
+
+
+def test_retry_happens_when_due_under_mailgrave_run(
+    instance: Instance, processes: Processes
+) -> None:
+    qid = _deferred_remote(instance, processes, ["2s", "1h"])
+    # Due 2 s after the first attempt: retried then, not at the 60 s fallback.
+    wait_for(lambda: _attempts(instance, qid) >= 2, timeout=2 + 5)
+
+
+def test_queue_retry_delivers_now_when_send_is_idle(
+    instance: Instance, processes: Processes
+) -> None:
+    qid = _deferred_remote(instance, processes, ["1h"])
+    time.sleep(3)  # send has left: nothing due for an hour
+    assert _attempts(instance, qid) == 1
+    assert instance.run("mailgrave", "queue", "retry", qid).returncode == 0
+    wait_for(lambda: _attempts(instance, qid) >= 2, timeout=10)
+
+
+def test_message_refused_by_smtpd_is_no_queue_error(
+    instance: Instance, processes: Processes
+) -> None:
+    import smtplib
+
+    instance.settings["smtpd"] = {"max_message_size": 1000}
+    instance.write_config()
+    port = free_port()
+    instance.start(processes, listen=f"127.0.0.1:{port}")
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # no SIZE=: refused only after the data, once the queue has the envelope
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.org>\r\n")
+        sock.sendall(b"DATA\r\n" + (b"x" * 78 + b"\r\n") * 40 + b".\r\nQUIT\r\n")
+        got = b""
+        while b"221 " not in got:
+            data = sock.recv(4096)
+            assert data, got
+            got += data
+        assert b"\r\n552 5.3.4" in got, got
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("a@example.org", ["alice@example.org"], b"Subject: ok\r\n\r\nok\r\n")
+    wait_for(lambda: instance.messages("alice"))
+    log = instance.log.read_text()
+    assert "truncated" not in log and "cannot write to the spool" not in log, log

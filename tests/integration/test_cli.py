@@ -123,3 +123,64 @@ def test_check_parses_the_file_and_renews_the_cache(instance: Instance) -> None:
     cfg.write_text(cfg.read_text() + "smtpd: {max_errors: many}\n")
     res = subprocess.run(check, capture_output=True)
     assert res.returncode == 1 and b"max_errors" in res.stderr
+
+
+def _attempts(inst: Instance, qid: str) -> int:
+    shown = inst.run("mailgrave", "queue", "show", qid).stdout.decode()
+    return int(shown.split("attempts=")[1].split()[0])
+
+
+def test_retry_all_leaves_held_messages_held(instance: Instance, processes: Processes) -> None:
+    a, b, c = _queue_three(instance, processes)
+    assert instance.run("mailgrave", "queue", "hold", a).returncode == 0
+    assert instance.run("mailgrave", "queue", "retry", "--all").returncode == 0
+    assert instance.run("mailgrave-send").returncode == 0
+    assert "(held)" in instance.run("mailgrave", "queue", "show", a).stdout.decode()
+    assert [_attempts(instance, q) for q in (a, b, c)] == [1, 2, 2]
+    # sendmail -q is retry --all too
+    assert instance.sendmail("-q", data=b"").returncode == 0
+    assert instance.run("mailgrave-send").returncode == 0
+    assert [_attempts(instance, q) for q in (a, b, c)] == [1, 3, 3]
+    # retry of that one message releases it (as documented in mailgrave(8))
+    assert instance.run("mailgrave", "queue", "retry", a).returncode == 0
+    assert instance.run("mailgrave-send").returncode == 0
+    assert "(held)" not in instance.run("mailgrave", "queue", "show", a).stdout.decode()
+    assert _attempts(instance, a) == 2
+
+
+def test_send_stays_for_a_retry_due_soon(instance: Instance, processes: Processes) -> None:
+    """Under systemd the timer ticks once a minute: a send run stays while the next
+    attempt is near, so queue.retry: [2s] is honoured (one run, two attempts)."""
+    instance.settings["queue"] = {"retry": ["2s", "1h"]}
+    instance.write_config()
+    start_queue(instance, processes)
+    assert instance.sendmail("user@remote.test", data=b"Subject: soon\n\nx\n").returncode == 0
+    assert instance.run("mailgrave-send", timeout=120).returncode == 0
+    [qid] = os.listdir(instance.spool / "info")
+    assert _attempts(instance, qid) == 2
+    assert "next in 59m" in instance.run("mailgrave", "queue").stdout.decode()
+
+
+def test_queue_without_a_spool_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "mailgrave.yaml"
+    cfg.write_text(f"spool: {tmp_path / 'nowhere'}\n")
+    for args in (["queue"], ["queue", "retry", "--all"], ["queue", "show", "0" * 15]):
+        res = subprocess.run(
+            [program("mailgrave"), "--config", str(cfg), *args], capture_output=True, timeout=60
+        )
+        assert res.returncode == 1, args
+        assert res.stderr.decode().splitlines() == [
+            f"mailgrave: no spool at {tmp_path / 'nowhere'} (see --config)"
+        ]
+
+
+def test_second_mailgrave_run_refuses_and_leaves_the_first_alone(
+    instance: Instance, processes: Processes
+) -> None:
+    instance.start(processes)
+    res = instance.run("mailgrave", "run", timeout=30)
+    assert res.returncode == 1
+    [line] = res.stderr.decode().splitlines()
+    assert "not starting a second one" in line
+    # the first still takes mail
+    assert instance.sendmail("alice@example.org", data=b"Subject: x\n\ny\n").returncode == 0

@@ -139,10 +139,43 @@ def test_errors_have_sysexits_codes(instance: Instance, queue: Instance) -> None
     res = queue.sendmail(data=b"Subject: nobody\n\nx\n")
     assert res.returncode == 65 and b"no recipients" in res.stderr
     res = queue.sendmail("bad address@", data=b"x\n")
-    assert res.returncode == 65
+    assert res.returncode == 64
     res = queue.sendmail("-Z", "alice@example.org", data=b"x\n")
     assert res.returncode == 64 and b"unknown option" in res.stderr
     assert queued(queue) == []
+
+
+@pytest.mark.parametrize(
+    "address", ["alice@@example.org", "a..b@example.org", ".alice@example.org", 'al"ice@x.org']
+)
+def test_bad_command_line_address_is_a_usage_error(queue: Instance, address: str) -> None:
+    res = queue.sendmail("bob@example.org", address, data=b"Subject: x\n\ny\n")
+    assert res.returncode == 64, res.stderr
+    [line] = res.stderr.decode().splitlines()
+    assert "bad recipient address" in line and "not sent" in line
+    assert queued(queue) == []
+    res = queue.sendmail("-f", address, "bob@example.org", data=b"Subject: x\n\ny\n")
+    assert res.returncode == 64 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert queued(queue) == []
+
+
+@pytest.mark.parametrize(
+    "field",
+    [b"To: alice@@example.org", b"To: bob@example.org, <carol@@example.org>", b"Cc: a..b@x.org"],
+)
+def test_bad_header_address_with_t_is_a_data_error(queue: Instance, field: bytes) -> None:
+    res = queue.sendmail("-t", data=field + b"\nSubject: x\n\ny\n")
+    assert res.returncode == 65, res.stderr
+    assert len(res.stderr.splitlines()) == 1 and b"bad " in res.stderr, res.stderr
+    assert queued(queue) == []
+
+
+def test_t_accepts_quoted_local_parts_and_empty_groups(queue: Instance) -> None:
+    data = b'To: "john smith"@example.org\nCc: undisclosed-recipients:;\nSubject: x\n\ny\n'
+    res = queue.sendmail("-t", data=data)
+    assert res.returncode == 0, res.stderr
+    [(env, _msg)] = queued(queue)
+    assert b'T"john smith"@example.org\0' in env
 
 
 def test_queue_down_is_temporary(instance: Instance) -> None:

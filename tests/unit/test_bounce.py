@@ -21,8 +21,9 @@ def _build(tmp_path: Path, body: bytes, delay: bool = False) -> email.message.Em
             failures=[
                 Failure(
                     "x@example.net",
-                    "mx.example.net[192.0.2.1] said: 550 5.1.1 no such user",
+                    "mx.example.net[192.0.2.1]:25 said: 550 5.1.1 no such user",
                     "5.1.1",
+                    "mx.example.net[192.0.2.1]:25",
                 ),
                 Failure(
                     "y@example.net", "4.4.1 connection timed out", "4.4.1" if delay else "5.4.7"
@@ -59,7 +60,10 @@ def test_bounce_is_a_valid_multipart_report(tmp_path: Path) -> None:
     ]
     assert [b["Action"] for b in blocks[1:]] == ["failed", "failed"]
     assert blocks[1]["Status"] == "5.1.1"
-    assert "550 5.1.1 no such user" in blocks[1]["Diagnostic-Code"]
+    # RFC 3464: the reply itself; the peer in Remote-MTA (a local failure has none)
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert blocks[1]["Remote-MTA"] == "dns; mx.example.net"
+    assert blocks[2]["Remote-MTA"] is None
     returned = parts[2].get_payload()[0]
     assert returned["Subject"] == "original"
 

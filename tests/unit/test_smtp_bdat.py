@@ -73,16 +73,24 @@ def test_pipelined_bdat_transaction_waits_for_the_queue() -> None:
     assert out(after) == b"250 2.0.0 Ok: queued as Q2\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n"
 
 
-def test_bare_lf_cr_and_nul_refuse_the_message_like_data() -> None:
+@pytest.mark.parametrize("bare_lf", ["reject", "normalize"])
+def test_bare_lf_cr_and_nul_refuse_the_message_like_data(bare_lf: str) -> None:
     for body, reply in [
-        (b"a\nb\r\n", b"554 5.6.0 Message refused: bare LF or CR"),
+        *(
+            [
+                (b"a\nb\r\n", b"554 5.6.0 Message refused: bare LF or CR"),
+                (b"a\r\n.\n", b"554 5.6.0 Message refused: bare LF or CR"),
+            ]
+            if bare_lf == "reject"
+            else []
+        ),
         (b"a\rb\r\n", b"554 5.6.0 Message refused: bare LF or CR"),
-        (b"a\r\n.\n", b"554 5.6.0 Message refused: bare LF or CR"),
         (b"a\r", b"554 5.6.0 Message refused: bare LF or CR"),
+        (b"a\r\r\n", b"554 5.6.0 Message refused: bare LF or CR"),
         (b"a\x00\r\n", b"554 5.6.0 Message refused: NUL"),
         (b"x" * 999 + b"\r\n", b"500 5.5.2 Message refused: line longer"),
     ]:
-        d = Dialog().ready()
+        d = Dialog(bare_lf=bare_lf).ready()
         d.transaction("alice@example.org")
         events = d.send(b"BDAT %d LAST\r\n" % len(body) + body + b"NOOP\r\n")
         assert out(events).startswith(reply + b""), body
@@ -207,3 +215,15 @@ def test_timeout_during_a_chunk_aborts() -> None:
     d.send(b"BDAT 100\r\nabc")
     events = d.server.timeout()
     assert kinds(events, S.MessageAborted) and isinstance(events[-1], S.Close)
+
+
+def test_bare_lf_in_a_chunk_is_a_line_end_when_normalizing() -> None:
+    """smtpd.bare_lf: normalize applies to BDAT as to DATA: stored as CRLF, and no
+    bare-LF variant starts a second transaction (BDAT has no terminator at all)."""
+    d = Dialog(bare_lf="normalize").ready()
+    d.transaction("alice@example.org")
+    first = b"Subject: lf\n\nline one\n"
+    events = d.send(b"BDAT %d\r\n" % len(first) + first)
+    events += d.send(b"BDAT 17 LAST\r\n.\nMAIL FROM:<x@y>\n")
+    assert message_bytes(events) == (b"Subject: lf\r\n\r\nline one\r\n.\r\nMAIL FROM:<x@y>\r\n")
+    assert len(kinds(events, S.MessageComplete)) == 1 and not kinds(events, S.MessageAborted)

@@ -438,6 +438,7 @@ def test_a_message_over_the_advertised_size_is_refused_before_mail_from() -> Non
     with pytest.raises(SMTPError) as err:
         client.deliver("s@a.test", ["x@b.test"], message(b"x\n"), 1001, False)
     assert err.value.permanent and "at most 1000 bytes" in err.value.text
+    assert err.value.status == "5.3.4"  # RFC 3463: message too big for system
     client.sock.close()
     peer.finish()
 

@@ -95,3 +95,20 @@ def test_data_chunking_does_not_change_the_result(body: bytes, step: int) -> Non
     whole = run([body])
     split = run([body[i : i + step] for i in range(0, len(body), step)])
     assert whole == split
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\n.", b".\r"]), max_size=60),
+    st.sampled_from(["normalize", "reject"]),
+)
+def test_only_crlf_dot_crlf_ends_data(pieces: list[bytes], bare_lf: str) -> None:
+    """Whatever mix of bare LF, bare CR and dots: DATA ends (or a second
+    transaction starts) only where CRLF "." CRLF really is."""
+    body = b"".join(pieces)
+    server = S.Server(FakePolicy(bare_lf=bare_lf, max_message_size=100_000))
+    server.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<alice@example.org>\r\n")
+    server.receive_data(b"DATA\r\n")
+    events = server.receive_data(body + b"MAIL FROM:<evil@b.test>\r\n")
+    ended = any(isinstance(e, (S.MessageComplete, S.MessageAborted)) for e in events)
+    assert ended == (b"\r\n.\r\n" in b"\r\n" + body)

@@ -18,6 +18,7 @@ class FakePolicy:
     max_recipients: int = 3
     max_errors: int = 20
     tls_available: bool = False
+    bare_lf: str = "normalize"
     relay: bool = False
     users: set[str] = field(default_factory=lambda: {"alice@example.org", "bob@example.org"})
     submission: bool = False
@@ -451,12 +452,14 @@ def test_pipelined_full_transaction() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "smuggle",
-    [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r\n.\r", b"\n.\r"],
-)
-def test_smuggling_variants_do_not_end_data(smuggle: bytes) -> None:
-    d = Dialog().ready()
+SMUGGLE_LF_ONLY = [b"\n.\n", b"\r\n.\n", b"\n.\r\n"]
+SMUGGLE_CR = [b"\r.\r", b"\r\n.\r", b"\n.\r"]
+
+
+@pytest.mark.parametrize("bare_lf", ["normalize", "reject"])
+@pytest.mark.parametrize("smuggle", SMUGGLE_LF_ONLY + SMUGGLE_CR)
+def test_smuggling_variants_do_not_end_data(smuggle: bytes, bare_lf: str) -> None:
+    d = Dialog(bare_lf=bare_lf).ready()
     d.transaction("alice@example.org")
     body = (
         b"Subject: x\r\n\r\nhello"
@@ -465,13 +468,51 @@ def test_smuggling_variants_do_not_end_data(smuggle: bytes) -> None:
     )
     lines, events = d.data(body)
     assert lines == []  # nothing answered: still in DATA, the "commands" are message text
-    assert not any(isinstance(e, S.MessageComplete) for e in events)
+    assert not any(isinstance(e, (S.MessageComplete, S.MessageAborted)) for e in events)
     events = d.send(b"DATA\r\nmore\r\n.\r\n")
     out = b"".join(e.data for e in events if isinstance(e, S.Output))
+    assert len([e for e in d.events if isinstance(e, S.MessageStart)]) == 1
+    if bare_lf == "normalize" and smuggle in SMUGGLE_LF_ONLY:
+        # One message, ended by the real CRLF "." CRLF; the "commands" are its text.
+        assert out == b""  # waiting for the queue
+        assert [e for e in events if isinstance(e, S.MessageComplete)]
+        msg = message_bytes(d.events)
+        assert b"\r\nMAIL FROM:<evil@b.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n" in msg
+        assert b"\n" not in msg.replace(b"\r\n", b"")  # every line end is CRLF
+        assert msg.endswith(b"more\r\n")
+        assert d.server.sender == "s@client.test"  # the one transaction, not evil's
+        assert d.server.message_queued("Q1") == [S.Output(b"250 2.0.0 Ok: queued as Q1\r\n")]
+        assert d.server.sender is None
+        return
     assert out == b"554 5.6.0 Message refused: bare LF or CR (only CRLF line ends)\r\n"
     assert any(isinstance(e, S.MessageAborted) for e in events)
     assert d.server.state == S.State.READY
     assert d.server.sender is None
+
+
+def test_bare_lf_lines_are_normalized() -> None:
+    """smtplib and many scripts send LF line ends: they are line ends, stored as CRLF,
+    dot-unstuffed like any line; only CRLF "." CRLF ends the data."""
+    d = Dialog().ready()
+    d.transaction("alice@example.org")
+    lines, events = d.data(b"Subject: lf\n\n..dot\nbody\n.\nstill body\r\n.\r\n")
+    assert lines == []
+    assert any(isinstance(e, S.MessageComplete) for e in events)
+    assert message_bytes(events) == b"Subject: lf\r\n\r\n.dot\r\nbody\r\n\r\nstill body\r\n"
+
+
+def test_bare_lf_rejected_when_configured() -> None:
+    d = Dialog(bare_lf="reject").ready()
+    d.transaction("alice@example.org")
+    lines, _events = d.data(b"Subject: lf\n\nbody\r\n.\r\n")
+    assert lines == ["554 5.6.0 Message refused: bare LF or CR (only CRLF line ends)"]
+
+
+def test_bare_cr_refused_even_when_normalizing() -> None:
+    d = Dialog().ready()
+    d.transaction("alice@example.org")
+    lines, _events = d.data(b"Subject: cr\r\n\r\na\rb\r\n.\r\n")
+    assert lines == ["554 5.6.0 Message refused: bare LF or CR (only CRLF line ends)"]
 
 
 def test_nul_in_data_refused() -> None:
@@ -520,6 +561,29 @@ def test_starttls_discards_pipelined_and_requires_ehlo() -> None:
     d.code("DATA")
     start = [e for e in d.events if isinstance(e, S.MessageStart)][-1]
     assert start.proto == "ESMTPS"
+
+
+@pytest.mark.parametrize(
+    ("tls", "utf8", "proto"),
+    [
+        (False, False, "ESMTP"),
+        (True, False, "ESMTPS"),
+        (False, True, "UTF8SMTP"),
+        (True, True, "UTF8SMTPS"),
+    ],
+)
+def test_proto_for_received_rfc3848_rfc6531(tls: bool, utf8: bool, proto: str) -> None:
+    d = Dialog(tls_available=True).ready()
+    if tls:
+        d.code("STARTTLS")
+        d.server.tls_started()
+        d.ready()
+    param = " SMTPUTF8" if utf8 else ""
+    assert d.code(f"MAIL FROM:<a@b.test>{param}") == "250 2.0.0"
+    assert d.code("RCPT TO:<alice@example.org>") == "250 2.0.0"
+    d.code("DATA")
+    start = [e for e in d.events if isinstance(e, S.MessageStart)][-1]
+    assert start.proto == proto
 
 
 def test_starttls_not_in_transaction() -> None:
