@@ -162,8 +162,11 @@ class Delivery:
             raise
         return client
 
-    def deliver(self, sender: str, rcpts: list[str], fd: int) -> tuple[list[Result], list[str]]:
-        """One message to recipients of one domain: (result per recipient, transcript)."""
+    def deliver(
+        self, sender: str, rcpts: list[str], fd: int, envelope: Envelope | None = None
+    ) -> tuple[list[Result], list[str]]:
+        """One message to recipients of one domain: (result per recipient, transcript);
+        ``envelope``: the same with the DSN parameters, passed on where offered."""
         domain = rcpts[0].rpartition("@")[2]
         try:
             destinations = self._hops(domain)
@@ -184,7 +187,7 @@ class Delivery:
                             client = self._open(hop, address)
                         start = len(client.transcript)
                         results = client.deliver(
-                            sender, rcpts, wire_format(blocks(fd)), size, needs_utf8
+                            sender, rcpts, wire_format(blocks(fd)), size, needs_utf8, envelope
                         )
                     except SMTPError as exc:
                         if client is not None:
@@ -224,7 +227,7 @@ def serve_connection(delivery: Delivery, sock: socket.socket) -> None:
                 results = [Result("Z", "4.3.0", "no message file in the request")] * len(rcpts)
                 transcript: list[str] = []
             else:
-                results, transcript = delivery.deliver(req.sender, rcpts, req.fd)
+                results, transcript = delivery.deliver(req.sender, rcpts, req.fd, req.envelope)
         finally:
             if req.fd >= 0:
                 os.close(req.fd)
