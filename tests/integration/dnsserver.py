@@ -1,7 +1,7 @@
 """A real DNS server for tests (python3-dnslib), UDP and TCP on a free loopback port.
 
 ``zone`` maps a name to records: ``("MX", 10, "mx.example.")``, ``("A", "127.0.0.1")``,
-``("AAAA", "::1")``. Names in ``servfail`` answer SERVFAIL, names in ``silent`` never
+``("AAAA", "::1")``, ``("TXT", "v=STSv1; id=1")``. Names in ``servfail`` answer SERVFAIL, names in ``silent`` never
 answer (a timeout); every other unknown name is NXDOMAIN.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, A
+from dnslib import AAAA, MX, QTYPE, RCODE, RR, TXT, A
 from dnslib.server import BaseResolver, DNSError, DNSLogger, DNSServer
 
 Record = tuple[Any, ...]
@@ -51,6 +51,8 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
                 rdata = MX(str(rec[2]), int(rec[1]))
             elif rec[0] == "A":
                 rdata = A(str(rec[1]))
+            elif rec[0] == "TXT":
+                rdata = TXT(str(rec[1]))
             else:
                 rdata = AAAA(str(rec[1]))
             reply.add_answer(RR(qname, getattr(QTYPE, rec[0]), rdata=rdata, ttl=60))
