@@ -128,6 +128,13 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return convert
 
 
+def _on_off(value: object) -> str:
+    """``on`` or ``off`` (YAML reads a bare on/off as true/false: both are accepted)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _choice("off", "on")(value)
+
+
 def _list(item: Callable[[object], Any]) -> Callable[[object], tuple[Any, ...]]:
     def convert(value: object) -> tuple[Any, ...]:
         if not isinstance(value, list):
@@ -354,6 +361,11 @@ class Remote(Record):
     timeout: float = _opt(parse_duration, 300.0)
     max_parallel: int = _opt(_int, 10)
     destination_concurrency: int = _opt(_int, 4)  # connections per destination domain
+    # MTA-STS (RFC 8461) for MX deliveries; the cache: see mailgrave.yaml(5).
+    mta_sts: str = _opt(_on_off, "on")
+    mta_sts_cache: str = _opt(_nonempty_str, "/var/lib/mailgrave-remote/mta-sts")
+    mta_sts_timeout: float = _opt(parse_duration, 30.0)
+    mta_sts_port: int = _opt(_int, 443)  # of the policy host: for tests only
 
 
 @record

@@ -22,7 +22,7 @@ import struct
 import sys
 import time
 
-from mailgrave.envelope import read_fields
+from mailgrave.envelope import Envelope, EnvelopeError, decode, read_fields
 from mailgrave.errors import PermFail, Result, TempFail
 from mailgrave.record import Record, record
 
@@ -30,8 +30,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from typing import BinaryIO
-
-    from mailgrave.envelope import Envelope
 
 CHUNK = 64 * 1024
 MAX_CHUNK = 16 * 1024 * 1024
@@ -185,9 +183,16 @@ class Request(Record):
     sender: str
     recipients: tuple[str, ...]
     fd: int  # the spool file, read-only; -1 when the request carried none
+    envelope: Envelope | None = None  # with the DSN parameters, when it decodes
 
 
-def encode_request(qid: str, sender: str, recipients: list[str]) -> bytes:
+def encode_request(
+    qid: str, sender: str, recipients: list[str], envelope: Envelope | None = None
+) -> bytes:
+    """``Q<qid>`` NUL, then the envelope (text0, DSN fields included when
+    ``envelope`` is given: it then names the same sender and recipients)."""
+    if envelope is not None:
+        return f"Q{qid}".encode() + b"\0" + envelope.encode()
     fields = [f"Q{qid}", f"F{sender}", *(f"T{r}" for r in recipients)]
     return b"".join(f.encode("utf-8", "surrogateescape") + b"\0" for f in fields) + b"\0"
 
@@ -239,7 +244,14 @@ def recv_request(sock: _socket.socket) -> Request | None:
     qid = next((t[1:] for t in texts if t.startswith("Q")), "-")
     sender = next((t[1:] for t in texts if t.startswith("F")), "")
     rcpts = tuple(t[1:] for t in texts if t.startswith("T"))
-    return Request(qid, sender, rcpts, fd)
+    envelope = None
+    start = data.find(b"\0F") + 1
+    if start > 0:
+        try:
+            envelope = decode(bytes(data[start:]), validate=False)
+        except EnvelopeError:
+            envelope = None
+    return Request(qid, sender, rcpts, fd, envelope)
 
 
 def results_text(results: list[Result], transcript: Sequence[str] = ()) -> bytes:
@@ -294,9 +306,11 @@ def request(
     rcpts: list[str],
     message_path: str,
     agents: Agents,
+    envelope: Envelope | None = None,
 ) -> tuple[list[Result], list[str]]:
     """mailgrave-send's side: one request over local.ctrl / remote.ctrl; the result
-    for each recipient, in order, and the agent's transcript of the attempt."""
+    for each recipient, in order, and the agent's transcript of the attempt
+    (``envelope``: the same sender and recipients with their DSN parameters)."""
     transcript: list[str] = []
     results: list[Result] = []
     buf = bytearray()
@@ -312,7 +326,7 @@ def request(
                 name = os.path.basename(socket_path)
                 unreachable = Result("Z", "4.3.0", f"delivery agent unreachable ({name})")
                 return [unreachable] * len(rcpts), transcript
-        send_fds(sock, encode_request(qid, sender, rcpts), [fd])
+        send_fds(sock, encode_request(qid, sender, rcpts, envelope), [fd])
         while len(results) < len(rcpts):
             end = buf.find(b"\n")
             if end < 0:

@@ -1,4 +1,13 @@
-"""qmail-queue's text0 envelope: ``F`` sender NUL, ``T`` recipient NUL ..., NUL."""
+"""qmail-queue's text0 envelope: ``F`` sender NUL, ``T`` recipient NUL ..., NUL.
+
+MailGrave's extension for delivery status notifications (RFC 3461): after
+the ``F`` field, ``R`` RET NUL and ``E`` ENVID NUL; after a ``T`` field, ``N``
+NOTIFY NUL and ``O`` ORCPT NUL for that recipient. Each is written only when
+it is set, so an envelope without DSN parameters is exactly qmail's, and a
+reader that knows only ``F`` and ``T`` refuses one with them (it does not
+start with ``T``) instead of dropping them silently. Values are stored
+xtext-decoded and hold no control characters.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +25,60 @@ class EnvelopeError(ValueError):
     """A malformed envelope; permanent."""
 
 
+DSN_RET = ("FULL", "HDRS")
+DSN_NOTIFY = ("SUCCESS", "FAILURE", "DELAY")
+MAX_ENVID = 100  # RFC 3461 §4.4
+MAX_ORCPT = 500  # RFC 3461 §4.2
+
+
+def valid_notify(value: str) -> bool:
+    """``NEVER`` alone, or a list of SUCCESS, FAILURE, DELAY, each at most once."""
+    if value == "NEVER":
+        return True
+    words = value.split(",")
+    return bool(value) and len(set(words)) == len(words) and all(w in DSN_NOTIFY for w in words)
+
+
+def dsn_text_ok(value: str, limit: int) -> bool:
+    """An ENVID or ORCPT value as stored: printable ASCII, at most ``limit`` long."""
+    return 0 < len(value) <= limit and all(" " <= c <= "~" for c in value)
+
+
 @record
 class Envelope(Record):
-    """Sender (``""`` for the null sender) and at least one recipient."""
+    """Sender (``""`` for the null sender), at least one recipient, and the DSN
+    parameters (RFC 3461): ``ret`` and ``envid`` of the message, ``notify`` and
+    ``orcpt`` of each recipient (empty tuples, or one entry per recipient,
+    ``""`` where it is not set)."""
 
     sender: str
     recipients: tuple[str, ...]
+    ret: str = ""  # "", FULL or HDRS
+    envid: str = ""
+    notify: tuple[str, ...] = ()  # "", NEVER or e.g. "SUCCESS,FAILURE"
+    orcpt: tuple[str, ...] = ()  # "" or "rfc822;user@example.org"
+
+    def notify_of(self, i: int) -> str:
+        return self.notify[i] if i < len(self.notify) else ""
+
+    def orcpt_of(self, i: int) -> str:
+        return self.orcpt[i] if i < len(self.orcpt) else ""
 
     def encode(self) -> bytes:
-        parts = [b"F" + self.sender.encode("utf-8", "surrogateescape") + b"\0"]
-        parts += [b"T" + r.encode("utf-8", "surrogateescape") + b"\0" for r in self.recipients]
+        def field(tag: str, value: str) -> bytes:
+            return (tag + value).encode("utf-8", "surrogateescape") + b"\0"
+
+        parts = [field("F", self.sender)]
+        if self.ret:
+            parts.append(field("R", self.ret))
+        if self.envid:
+            parts.append(field("E", self.envid))
+        for i, r in enumerate(self.recipients):
+            parts.append(field("T", r))
+            if self.notify_of(i):
+                parts.append(field("N", self.notify_of(i)))
+            if self.orcpt_of(i):
+                parts.append(field("O", self.orcpt_of(i)))
         parts.append(b"\0")
         return b"".join(parts)
 
@@ -42,11 +95,26 @@ def decode(data: bytes, *, validate: bool = True) -> Envelope:
     except UnicodeDecodeError as exc:
         raise EnvelopeError("envelope is not UTF-8") from exc
     sender = texts[0][1:]
-    recipients = []
+    recipients: list[str] = []
+    notify: list[str] = []
+    orcpt: list[str] = []
+    ret = envid = ""
     for field in texts[1:]:
-        if not field.startswith("T"):
-            raise EnvelopeError("envelope field does not start with T")
-        recipients.append(field[1:])
+        tag, value = field[:1], field[1:]
+        if tag == "T":
+            recipients.append(value)
+            notify.append("")
+            orcpt.append("")
+        elif tag == "R" and not recipients and not ret and value in DSN_RET:
+            ret = value
+        elif tag == "E" and not recipients and not envid and dsn_text_ok(value, MAX_ENVID):
+            envid = value
+        elif tag == "N" and recipients and not notify[-1] and valid_notify(value):
+            notify[-1] = value
+        elif tag == "O" and recipients and not orcpt[-1] and dsn_text_ok(value, MAX_ORCPT):
+            orcpt[-1] = value
+        else:
+            raise EnvelopeError("envelope field does not start with T (or a bad DSN field)")
     if not recipients:
         raise EnvelopeError("envelope has no recipients")
     if validate:
@@ -56,7 +124,14 @@ def decode(data: bytes, *, validate: bool = True) -> Envelope:
             recipients = [str(parse(r)) for r in recipients]
         except AddressError as exc:
             raise EnvelopeError(f"bad address in envelope: {exc}") from exc
-    return Envelope(sender, tuple(recipients))
+    return Envelope(
+        sender,
+        tuple(recipients),
+        ret,
+        envid,
+        tuple(notify) if any(notify) else (),
+        tuple(orcpt) if any(orcpt) else (),
+    )
 
 
 def read_fields(stream: BinaryIO, limit: int, first: bytes | None = None) -> bytes:

@@ -58,13 +58,16 @@ class Result(Record):
 
     ``code`` is K, Z or D; ``status`` the enhanced status code; ``text`` what
     the mailbox, command or peer said (for a peer: its reply, ``550 5.1.1 ...``);
-    ``host`` the peer that said it (``name[address]:port``), empty otherwise.
+    ``host`` the peer that said it (``name[address]:port``), empty otherwise;
+    ``dsn``: the peer offered DSN and took the request's DSN parameters on
+    (RFC 3461 §5.2.2: it reports from now on, so no "relayed" report).
     """
 
     code: str
     status: str
     text: str
     host: str = ""
+    dsn: bool = False
 
     @classmethod
     def of(cls, code: str, text: str) -> Result:
@@ -92,9 +95,11 @@ class Result(Record):
 
     def line(self) -> str:
         """The wire form of local.ctrl and remote.ctrl (docs/flow.md): one line,
-        ``<code><status> [@<host> ]<text>``."""
+        ``<code><status> [@<host> [+dsn ]]<text>``."""
         text = " ".join(self.text.split())
         host = f"@{self.host} " if self.host else ""
+        if self.host and self.dsn:
+            host += "+dsn "
         return f"{self.code}{self.status} {host}{text}"
 
     @classmethod
@@ -107,9 +112,12 @@ class Result(Record):
         if not leading_status(status + " ")[0]:
             return cls.of(code, line[1:])
         host = ""
+        dsn = False
         if rest.startswith("@"):
             host, _, rest = rest[1:].partition(" ")
-        return cls(code, status, rest, host)
+            if rest.startswith("+dsn "):
+                dsn, rest = True, rest[5:]
+        return cls(code, status, rest, host, dsn)
 
 
 def exit_for(results: list[Result]) -> int:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from mailgrave import maillog
-from mailgrave.envelope import EnvelopeError, decode
+from mailgrave.envelope import Envelope, EnvelopeError, decode
 from mailgrave.errors import PermFail
 from mailgrave.fileio import fsync_dir, replace_file, write_all
 from mailgrave.record import Record, factory, record
@@ -314,6 +314,11 @@ class Recipient(Record):
     first_failure: float = 0.0
     status: str = ""  # the enhanced status code of the last reply
     remote: str = ""  # the host that gave it (remote deliveries)
+    notify: str = ""  # DSN NOTIFY (RFC 3461): "" (the default), NEVER, or SUCCESS,FAILURE,DELAY
+    orcpt: str = ""  # DSN ORCPT, decoded: "rfc822;user@example.org"
+    # The success report it is owed once delivered: "delivered" (local),
+    # "relayed" (to a host without DSN), "" (none: a DSN host took the request on).
+    success: str = ""
 
     @property
     def done(self) -> bool:
@@ -333,6 +338,21 @@ class Entry(Record):
     warned: bool = False
     bounced: list[str] = factory(list)
     transcript: list[str] = factory(list)
+    ret: str = ""  # DSN RET: "", FULL or HDRS
+    envid: str = ""  # DSN ENVID
+    reported: list[str] = factory(list)  # recipients whose success report is queued
+
+    def envelope(self, recipients: list[Recipient] | tuple[Recipient, ...]) -> Envelope:
+        """The envelope for a delivery request to some of its recipients."""
+        dsn = any(r.notify or r.orcpt for r in recipients)
+        return Envelope(
+            self.sender,
+            tuple(r.addr for r in recipients),
+            self.ret,
+            self.envid,
+            tuple(r.notify for r in recipients) if dsn else (),
+            tuple(r.orcpt for r in recipients) if dsn else (),
+        )
 
     def next_attempt(self) -> float | None:
         """When a recipient is due next (epoch seconds); None when held or nothing is pending."""
@@ -350,6 +370,9 @@ class Entry(Record):
             "warned": self.warned,
             "bounced": self.bounced,
             "transcript": self.transcript[-200:],
+            "ret": self.ret,
+            "envid": self.envid,
+            "reported": self.reported,
             "recipients": [
                 {name: getattr(r, name) for name in Recipient._fields} for r in self.recipients
             ],
@@ -374,6 +397,9 @@ class Entry(Record):
             bounced=list(data.get("bounced", [])),
             transcript=list(data.get("transcript", [])),
             recipients=recipients,
+            ret=str(data.get("ret", "")),
+            envid=str(data.get("envid", "")),
+            reported=list(data.get("reported", [])),
         )
 
 
@@ -442,8 +468,13 @@ class Spool:
         if found is None:
             return None
         env = decode(found[0], validate=validate)
-        recipients = [Recipient(addr) for addr in env.recipients]
-        return Entry(qid, env.sender, recipients, qid_time(qid), found[1])
+        recipients = [
+            Recipient(addr, notify=env.notify_of(i), orcpt=env.orcpt_of(i))
+            for i, addr in enumerate(env.recipients)
+        ]
+        return Entry(
+            qid, env.sender, recipients, qid_time(qid), found[1], ret=env.ret, envid=env.envid
+        )
 
     def read_entry(self, qid: str) -> Entry | None:
         try:

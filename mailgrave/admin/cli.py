@@ -39,6 +39,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     for key, value in (("smtpd.tls.certificate", tls.certificate), ("smtpd.tls.key", tls.key)):
         if value and not os.access(value, os.R_OK):
             problems.append(f"{path}: {key}: cannot read {value}")
+    ca_file = config.remote.ca_file
+    if ca_file and not os.access(ca_file, os.R_OK):
+        problems.append(f"{path}: remote.ca_file: cannot read {ca_file}")
+    sts_cache = config.remote.mta_sts_cache
+    if config.remote.mta_sts == "on" and os.path.exists(sts_cache) and not os.path.isdir(sts_cache):
+        problems.append(f"{path}: remote.mta_sts_cache: {sts_cache} is not a directory")
     aliases = config.local.aliases
     if aliases and os.path.exists(aliases) and not os.access(aliases, os.R_OK):
         problems.append(f"{path}: local.aliases: cannot read {aliases}")
@@ -218,8 +224,12 @@ def cmd_queue_show(config: configmod.Config, qid: str) -> int:
         print(f"Sender: <{obj.sender}>")
         print(f"Created: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(obj.created))}")
         print(f"Size: {obj.size}{'  (held)' if obj.held else ''}")
+        if obj.ret or obj.envid:
+            print(f"DSN: RET={obj.ret or '-'} ENVID={obj.envid or '-'}")
         for r in obj.recipients:
             print(f"Recipient: <{r.addr}> {r.state} attempts={r.attempts}")
+            if r.notify or r.orcpt:
+                print(f"  DSN: NOTIFY={r.notify or '-'} ORCPT={r.orcpt or '-'}")
             if r.last_reply:
                 print(f"  Last reply: {r.last_reply}")
         if obj.transcript:

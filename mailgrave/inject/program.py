@@ -16,7 +16,7 @@ from typing import BinaryIO
 from mailgrave import config as configmod
 from mailgrave import ctrl
 from mailgrave.address import AddressError, parse_mailbox
-from mailgrave.envelope import Envelope
+from mailgrave.envelope import DSN_RET, MAX_ENVID, Envelope, dsn_text_ok, valid_notify
 from mailgrave.errors import PermFail, TempFail
 from mailgrave.headers import message_id, rfc5322_date
 from mailgrave.record import Record, factory, record
@@ -44,12 +44,15 @@ Reads a message on standard input and queues it for RECIPIENT(s).
   -v          print the queue id
   -C FILE, --config FILE
               configuration file (default /etc/mailgrave/mailgrave.yaml)
-Other sendmail options (-oem, -odb, -odi, -B, -N, -R, -V, -L, -O, -X, -h, -U, -G,
+  -N NOTIFY   DSN: never, or success,failure,delay (RFC 3461), for every recipient
+  -R RET      DSN: return the full message or only its headers (full|hdrs)
+  -V ENVID    DSN: an envelope id, echoed in delivery reports
+Other sendmail options (-oem, -odb, -odi, -B, -L, -O, -X, -h, -U, -G,
 -bm, -bi ...) are accepted and ignored.  Exit 0 once queued, else sysexits(3).
 """
 
 # Options that take an argument (attached or as the next word); ignored values.
-_IGNORED_WITH_ARG = set("BNRVLOXhpq")
+_IGNORED_WITH_ARG = set("BLOXhpq")
 _IGNORED_FLAGS = set("UGnmsvdx")
 
 
@@ -76,6 +79,9 @@ class Options(Record):
     verbose: bool = False
     config: str | None = None
     mode: str = "send"  # send | list | retry | noop
+    notify: str = ""  # DSN (-N, -R, -V)
+    ret: str = ""
+    envid: str = ""
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -142,6 +148,18 @@ def parse_args(argv: list[str]) -> Options:
                 )
             else:
                 raise UsageError(f"unknown mode -b{mode}")
+        elif letter == "N":
+            opts.notify = value().upper().replace(" ", "")
+            if not valid_notify(opts.notify):
+                raise UsageError("-N takes never, or any of success,failure,delay")
+        elif letter == "R":
+            opts.ret = value().upper()
+            if opts.ret not in DSN_RET:
+                raise UsageError("-R takes full or hdrs")
+        elif letter == "V":
+            opts.envid = value()
+            if not dsn_text_ok(opts.envid, MAX_ENVID):
+                raise UsageError(f"-V takes printable ASCII, at most {MAX_ENVID} characters")
         elif letter == "q":
             opts.mode = "retry"
         elif letter in _IGNORED_WITH_ARG:
@@ -305,7 +323,14 @@ def submit(opts: Options, config: configmod.Config, stream: BinaryIO) -> str:
     if not recipients:
         raise PermFail("no recipients given (name them, or use -t with To:/Cc:/Bcc:)")
     kept = b"".join(raw for name, raw in header.fields if name not in ("bcc", "resent-bcc"))
-    qc = ctrl.QueueClient(config.socket_path("queue.ctrl"), {}, Envelope(sender, tuple(recipients)))
+    envelope = Envelope(
+        sender,
+        tuple(recipients),
+        opts.ret,
+        opts.envid,
+        (opts.notify,) * len(recipients) if opts.notify else (),
+    )
+    qc = ctrl.QueueClient(config.socket_path("queue.ctrl"), {}, envelope)
     try:
         qc.write(_added_fields(header, config, sender, opts.full_name) + kept)
         if header.rest or not header.ended:

@@ -8,9 +8,11 @@ import socket
 import ssl
 from collections.abc import Iterator
 
+from mailgrave.envelope import Envelope
 from mailgrave.errors import PERMANENT, TEMPORARY, Result
 from mailgrave.record import Record, record
 from mailgrave.smtp.replies import Reply
+from mailgrave.smtp.server import xtext_encode
 
 MAX_REPLY_LINES = 100
 MAX_LINE = 2048
@@ -210,6 +212,7 @@ class Client:
         message: Iterator[bytes],
         size: int,
         needs_smtputf8: bool,
+        dsn: Envelope | None = None,
         chunks: Iterator[bytes] | None = None,
     ) -> list[Result]:
         """One transaction. Returns the result for each recipient; raises SMTPError
@@ -217,7 +220,9 @@ class Client:
 
         ``message`` is the DATA form (CRLF, dot-stuffed); ``chunks``, when given,
         the same message in BDAT form (CRLF, not dot-stuffed: ``wire_format(...,
-        dot_stuff=False)``), sent with BDAT when the peer offers CHUNKING."""
+        dot_stuff=False)``), sent with BDAT when the peer offers CHUNKING.
+        ``dsn``: the envelope of ``sender`` and ``rcpts`` with their DSN
+        parameters, passed on when the server offers DSN (RFC 3461 §5.2.2)."""
         if needs_smtputf8 and "SMTPUTF8" not in self.extensions:
             raise SMTPError(
                 f"{self.name} does not support SMTPUTF8, which this message needs",
@@ -240,7 +245,23 @@ class Client:
             params += " BODY=8BITMIME"
         if needs_smtputf8:
             params += " SMTPUTF8"
-        commands = [f"MAIL FROM:<{sender}>{params}", *(f"RCPT TO:<{r}>" for r in rcpts)]
+        rcpt_params = [""] * len(rcpts)
+        passed = dsn is not None and "DSN" in self.extensions
+        if dsn is not None and passed:
+            if dsn.ret:
+                params += f" RET={dsn.ret}"
+            if dsn.envid:
+                params += f" ENVID={xtext_encode(dsn.envid)}"
+            for i in range(len(rcpts)):
+                if dsn.notify_of(i):
+                    rcpt_params[i] += f" NOTIFY={dsn.notify_of(i)}"
+                if dsn.orcpt_of(i):
+                    kind, _, orig = dsn.orcpt_of(i).partition(";")
+                    rcpt_params[i] += f" ORCPT={kind};{xtext_encode(orig)}"
+        commands = [
+            f"MAIL FROM:<{sender}>{params}",
+            *(f"RCPT TO:<{r}>{p}" for r, p in zip(rcpts, rcpt_params, strict=True)),
+        ]
         if "PIPELINING" in self.extensions:
             for line in commands:
                 self.send(line)
@@ -266,14 +287,16 @@ class Client:
             return [r for r in results if r is not None]
         try:
             if chunks is not None and "CHUNKING" in self.extensions:
-                return self._bdat(chunks, results)
-            return self._data(message, results)
+                done = self._bdat(chunks, results)
+            else:
+                done = self._data(message, results)
         except SMTPError as exc:
             if all(r is None for r in results):
                 raise
             # recipients refused at RCPT keep their own answer
             failed = exc.result()
             return [r if r is not None else failed for r in results]
+        return [r.replace(dsn=True) if passed and r.ok else r for r in done]
 
     def _data(self, message: Iterator[bytes], results: list[Result | None]) -> list[Result]:
         self.send("DATA")

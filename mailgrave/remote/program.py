@@ -26,7 +26,8 @@ from mailgrave.envelope import Envelope
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, Result, exit_for
 from mailgrave.proc import serve_threads
 from mailgrave.remote.client import Client, SMTPError, Timeouts, wire_format
-from mailgrave.remote.route import Hop, hops, smarthost_password, split_spec
+from mailgrave.remote.mtasts import Policies, Policy
+from mailgrave.remote.route import Hop, hops, route_for, smarthost_password, split_spec
 from mailgrave.sd import listen_fds, stdin_socket
 from mailgrave.spool import blocks, message_size, scratch_entry
 
@@ -41,9 +42,10 @@ class Sessions:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.idle: dict[tuple[str, int], list[tuple[float, Client]]] = {}
+        # (address, port, opened under an MTA-STS policy: TLS verified) -> sessions
+        self.idle: dict[tuple[str, int, bool], list[tuple[float, Client]]] = {}
 
-    def take(self, key: tuple[str, int]) -> Client | None:
+    def take(self, key: tuple[str, int, bool]) -> Client | None:
         with self.lock:
             pool = self.idle.get(key, [])
             while pool:
@@ -53,7 +55,7 @@ class Sessions:
                 client.quit()
         return None
 
-    def give(self, key: tuple[str, int], client: Client) -> None:
+    def give(self, key: tuple[str, int, bool], client: Client) -> None:
         with self.lock:
             total = sum(len(p) for p in self.idle.values())
             if total >= CACHE_MAX:
@@ -93,6 +95,9 @@ class Delivery:
             data_end=2 * t,
         )
         self._contexts: dict[bool, ssl.SSLContext] = {}
+        self.policies = (
+            Policies(config, self._context(True)) if config.remote.mta_sts == "on" else None
+        )
 
     def _context(self, verify: bool) -> ssl.SSLContext:
         if verify not in self._contexts:
@@ -109,8 +114,32 @@ class Delivery:
     def _hops(self, domain: str) -> list[Hop]:
         return hops(self.config, domain, route=self.route)
 
-    def _open(self, hop: Hop, address: str, plain: bool = False) -> Client:
-        """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS."""
+    def _mta_sts(self, domain: str, destinations: list[Hop]) -> tuple[Policy | None, list[Hop]]:
+        """The MTA-STS policy for an MX delivery to ``domain`` (none for routes and
+        the smarthost), and the hosts it allows: in enforce mode only those its
+        mx patterns match; in testing mode all, the others logged."""
+        if self.policies is None or self.route or route_for(self.config, domain)[0]:
+            return None, destinations
+        policy = self.policies.lookup(domain)
+        if policy is None:
+            return None, destinations
+        refused = [h.host for h in destinations if not policy.allows(h.host)]
+        if refused:
+            log.warning(
+                "MTA-STS policy of %s (%s): MX host(s) %s not in the policy%s",
+                domain,
+                policy.mode,
+                ", ".join(refused),
+                "; not used" if policy.mode == "enforce" else "; used anyway (testing)",
+            )
+        if policy.mode != "enforce":
+            return policy, destinations
+        return policy, [h for h in destinations if policy.allows(h.host)]
+
+    def _open(self, hop: Hop, address: str, plain: bool = False, sts: bool = False) -> Client:
+        """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS;
+        ``sts``: an MTA-STS policy in enforce mode: STARTTLS with a certificate
+        that verifies for the MX host name, or no delivery."""
         helo = self.config.remote.helo or self.config.hostname
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -133,19 +162,24 @@ class Delivery:
             smart = hop.smarthost or bool(self.override and self.login)
             if smart and policy != "none":
                 policy = "verify"  # a smarthost's certificate is verified by default
+            if sts:
+                policy = "verify"
+            why = "MTA-STS policy in enforce mode" if sts else f"remote.tls: {policy}"
             offered = "STARTTLS" in client.extensions
             if policy in ("required", "verify") and not offered:
                 raise SMTPError(
-                    f"{name} does not offer STARTTLS (remote.tls: {policy})",
+                    f"{name} does not offer STARTTLS ({why})",
                     "STARTTLS",
                     False,
-                    status="4.7.4",
+                    status="4.7.5" if sts else "4.7.4",
                 )
             if offered and policy != "none" and not plain:
                 verify = policy == "verify"
                 try:
                     client.starttls(self._context(verify), hop.host if verify else None, helo)
                 except SMTPError as exc:
+                    if sts and exc.reply is None:
+                        exc.text, exc.status = f"{exc.text} ({why})", "4.7.5"
                     if policy != "opportunistic":
                         raise
                     # as Postfix's "may": better plaintext than no delivery at all
@@ -162,26 +196,36 @@ class Delivery:
             raise
         return client
 
-    def deliver(self, sender: str, rcpts: list[str], fd: int) -> tuple[list[Result], list[str]]:
-        """One message to recipients of one domain: (result per recipient, transcript)."""
+    def deliver(
+        self, sender: str, rcpts: list[str], fd: int, envelope: Envelope | None = None
+    ) -> tuple[list[Result], list[str]]:
+        """One message to recipients of one domain: (result per recipient, transcript);
+        ``envelope``: the same with the DSN parameters, passed on where offered."""
         domain = rcpts[0].rpartition("@")[2]
         try:
             destinations = self._hops(domain)
         except DeliveryError as exc:
             return [exc.result()] * len(rcpts), []
+        sts_policy, allowed = self._mta_sts(domain, destinations)
+        enforce = sts_policy is not None and sts_policy.mode == "enforce"
+        if not allowed:
+            names = ", ".join(h.host for h in destinations)
+            text = f"MTA-STS policy of {domain} (enforce) allows none of its MX hosts ({names})"
+            return [Result("Z", "4.7.5", text)] * len(rcpts), []
+        destinations = allowed
         size = message_size(fd)
         needs_utf8 = any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts])
         transcript: list[str] = []
         last = Result("Z", "4.4.1", "no host could be reached")
         for hop in destinations:
             for address in hop.addresses:
-                key = (address, hop.port)
+                key = (address, hop.port, enforce)
                 for attempt in range(2):
                     client = self.sessions.take(key) if attempt == 0 else None
                     fresh = client is None
                     try:
                         if client is None:
-                            client = self._open(hop, address)
+                            client = self._open(hop, address, sts=enforce)
                         start = len(client.transcript)
                         results = client.deliver(
                             sender,
@@ -189,6 +233,7 @@ class Delivery:
                             wire_format(blocks(fd)),
                             size,
                             needs_utf8,
+                            envelope,
                             chunks=wire_format(blocks(fd), dot_stuff=False),
                         )
                     except SMTPError as exc:
@@ -229,7 +274,7 @@ def serve_connection(delivery: Delivery, sock: socket.socket) -> None:
                 results = [Result("Z", "4.3.0", "no message file in the request")] * len(rcpts)
                 transcript: list[str] = []
             else:
-                results, transcript = delivery.deliver(req.sender, rcpts, req.fd)
+                results, transcript = delivery.deliver(req.sender, rcpts, req.fd, req.envelope)
         finally:
             if req.fd >= 0:
                 os.close(req.fd)

@@ -93,6 +93,15 @@ class Resolver:
         except dns.exception.DNSException:
             raise TempFail(f"4.4.3 DNS lookup of {name} ({rdtype}) failed") from None
 
+    def txt(self, name: str) -> list[str]:
+        """The TXT records of ``name`` (each one's strings joined); [] when there is
+        none or the lookup fails (MTA-STS then keeps what it has cached)."""
+        try:
+            records = self._query(name, "TXT") or []
+        except (PermFail, TempFail):
+            return []
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in records]
+
     def addresses(self, host: str) -> tuple[str, ...]:
         try:
             return (str(ipaddress.ip_address(host)),)

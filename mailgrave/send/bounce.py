@@ -1,4 +1,5 @@
-"""RFC 3464 delivery status notifications: failures (bounces) and delay warnings."""
+"""RFC 3464 delivery status notifications: failures (bounces), delay warnings,
+and the success reports a DSN request (RFC 3461 NOTIFY=SUCCESS) asks for."""
 
 from __future__ import annotations
 
@@ -35,15 +36,18 @@ class Failure(Record):
         name, _, rest = self.remote.partition("[")
         return name or rest.partition("]")[0]
 
+    orcpt: str = ""  # DSN ORCPT as given ("rfc822;user@example.org"), echoed
+    action: str = ""  # a success report's Action: delivered or relayed
+
 
 def _header_value(text: str) -> str:
     """Text made safe for a header line or a DSN field: one line, printable."""
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:900]
 
 
-def _original_parts(message_path: str) -> tuple[str, Iterator[bytes]]:
+def _original_parts(message_path: str, content: str) -> tuple[str, Iterator[bytes]]:
     with open(message_path, "rb") as f:
-        whole = message_size(f.fileno()) <= MAX_RETURNED
+        whole = content == "full" and message_size(f.fileno()) <= MAX_RETURNED
 
     def chunks() -> Iterator[bytes]:
         with open(message_path, "rb") as f:
@@ -61,14 +65,27 @@ def notification(
     failures: list[Failure],
     message_path: str,
     delay: bool = False,
+    success: bool = False,
+    content: str = "full",
+    envid: str = "",
     date: str,
 ) -> Iterator[bytes]:
     """The notification to ``sender`` about ``failures`` of message ``qid``, as LF-ended bytes.
 
-    Streams the original message (or its header, when large) from the spool.
+    Streams the original message (or its header, when large or ``content`` is
+    ``headers``: DSN RET=HDRS) from the spool. ``success``: a success report,
+    each recipient with its own action; ``envid``: the DSN ENVID, echoed.
     """
     boundary = f"{qid}.{secrets.token_hex(6)}/{hostname}"
-    if delay:
+    if success:
+        subject = "Successful Mail Delivery Report"
+        intro = (
+            f"This is the mail system at {hostname}.\n\n"
+            "Your message was successfully delivered to the recipients below,\n"
+            "or relayed to a system that will not report on it further.\n"
+        )
+        action = "delivered"
+    elif delay:
         subject = "Delayed Mail (still being retried)"
         intro = (
             f"This is the mail system at {hostname}.\n\n"
@@ -87,7 +104,7 @@ def notification(
     text = [intro, ""]
     for f in failures:
         text.append(f"<{f.recipient}>: {_header_value(f.reply)}")
-    content_type, original = _original_parts(message_path)
+    content_type, original = _original_parts(message_path, content)
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: <{sender}>",
@@ -111,15 +128,19 @@ def notification(
         "Content-Type: message/delivery-status",
         "",
         f"Reporting-MTA: dns; {hostname}",
+        *([f"Original-Envelope-Id: {_header_value(envid)}"] if envid else []),
         f"X-MailGrave-Queue-ID: {qid}",
         f"Arrival-Date: {arrival}",
         "",
     ]
     for f in failures:
         kind = "utf-8" if not f.recipient.isascii() else "rfc822"
+        if f.orcpt:
+            orig_kind, _, orig = f.orcpt.partition(";")
+            head.append(f"Original-Recipient: {orig_kind}; {_header_value(orig)}")
         head += [
             f"Final-Recipient: {kind}; {f.recipient}",
-            f"Action: {action}",
+            f"Action: {f.action or action}",
             f"Status: {f.status}",
             *([f"Remote-MTA: dns; {_header_value(f.remote_mta())}"] if f.remote else []),
             f"Diagnostic-Code: smtp; {_header_value(f.diagnostic())}",
@@ -128,7 +149,11 @@ def notification(
         ]
     head += [
         f"--{boundary}",
-        "Content-Description: Undelivered Message"
+        (
+            "Content-Description: Delivered Message"
+            if success
+            else "Content-Description: Undelivered Message"
+        )
         + ("" if content_type == "message/rfc822" else " Headers"),
         f"Content-Type: {content_type}",
         "",

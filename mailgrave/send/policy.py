@@ -18,6 +18,9 @@ DEFAULT_RETRY = 300.0
 LOCAL = "local"
 REMOTE = "remote"
 NONE = "none"  # no delivery: only expiry, a warning or a bounce to finish
+# RFC 3461 §4.1 leaves the default to the MTA: failures and delays, as before DSN.
+DEFAULT_NOTIFY = "FAILURE,DELAY"
+SUCCESS, FAILURE, DELAY = "SUCCESS", "FAILURE", "DELAY"
 
 
 @record
@@ -73,23 +76,66 @@ def expire(entry: Entry, now: float, queue: Queue) -> list[Recipient]:
     return gone
 
 
+def wants(r: Recipient, kind: str) -> bool:
+    """Does the recipient's DSN NOTIFY ask for a report of ``kind`` (SUCCESS,
+    FAILURE or DELAY)? NEVER asks for none."""
+    return kind in (r.notify or DEFAULT_NOTIFY).split(",")
+
+
+def delayed(entry: Entry) -> list[Recipient]:
+    """The pending recipients a delay warning is about (NOTIFY with DELAY)."""
+    return [r for r in entry.recipients if not r.done and wants(r, DELAY)]
+
+
 def needs_warning(entry: Entry, now: float, queue: Queue) -> bool:
-    """A delay warning is owed: once, to a real sender, after warn_after."""
+    """A delay warning is owed: once, to a real sender, after warn_after, for
+    recipients whose NOTIFY asks for one."""
     return (
         bool(entry.sender)
         and not entry.warned
         and now - entry.created > queue.warn_after
-        and any(not r.done for r in entry.recipients)
+        and bool(delayed(entry))
     )
 
 
 def unbounced(entry: Entry) -> list[Recipient]:
-    """Failed recipients whose bounce has not been sent yet."""
+    """Failed recipients whose bounce has not been sent yet (or, for NOTIFY
+    without FAILURE, not yet marked as needing none: see :func:`to_bounce`)."""
     return [
         r
         for r in entry.recipients
         if r.state is RecipientState.FAILED and r.addr not in entry.bounced
     ]
+
+
+def to_bounce(failed: list[Recipient]) -> list[Recipient]:
+    """Those of ``failed`` whose NOTIFY asks for a failure report."""
+    return [r for r in failed if wants(r, FAILURE)]
+
+
+def unreported(entry: Entry) -> list[Recipient]:
+    """Delivered recipients owed a success report (NOTIFY=SUCCESS, delivered
+    locally or relayed to a host without DSN) not queued yet; a message with
+    the null sender gets none."""
+    if not entry.sender:
+        return []
+    return [
+        r
+        for r in entry.recipients
+        if r.state is RecipientState.DELIVERED
+        and r.success
+        and wants(r, SUCCESS)
+        and r.addr not in entry.reported
+    ]
+
+
+def return_content(entry: Entry, success: bool) -> str:
+    """What of the message a report returns: ``full`` (up to bounce.MAX_RETURNED)
+    or ``headers``. RET=HDRS: headers; RET=FULL: the message; no RET: the
+    message for a failure, the headers for a success (RFC 3461 §4.3)."""
+    if entry.ret == "HDRS" or (success and entry.ret != "FULL"):
+        return "headers"
+    return "full"
 
 
 def finished(entry: Entry) -> bool:
@@ -117,20 +163,29 @@ def jobs(
         or needs_warning(entry, now, config.queue)
         or finished(entry)
         or unbounced(entry)
+        or unreported(entry)
     ):
         found.append(Job(entry, NONE, (), new))
     return found
 
 
-def record_result(r: Recipient, result: Result, now: float, retry: tuple[float, ...]) -> None:
+def record_result(
+    r: Recipient, result: Result, now: float, retry: tuple[float, ...], channel: str = LOCAL
+) -> None:
     """What one attempt means for the recipient: delivered, failed, or deferred
-    with the next attempt after the back-off."""
+    with the next attempt after the back-off. A delivery notes the success
+    report it may owe: "delivered" by mailgrave-local, "relayed" to a host
+    without DSN, none when the next hop took the DSN request on."""
     r.attempts += 1
     r.last_reply = result.reply_text()
     r.status = result.status
     r.remote = result.host
     if result.ok:
         r.state = RecipientState.DELIVERED
+        if channel == LOCAL:
+            r.success = "delivered"
+        else:
+            r.success = "" if result.dsn else "relayed"
     elif result.permanent:
         r.state = RecipientState.FAILED
     else:

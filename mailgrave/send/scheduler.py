@@ -100,6 +100,7 @@ class Scheduler:
                 [r.addr for r in job.recipients],
                 self.spool.message_path(qid),
                 self.agents,
+                job.entry.envelope(job.recipients),
             )
         except FileNotFoundError:
             return [Result("Z", "4.3.0", "message file missing")] * len(job.recipients)
@@ -111,7 +112,7 @@ class Scheduler:
     def apply(self, job: Job, results: list[Result]) -> None:
         now = self.now()
         for r, res in zip(job.recipients, results, strict=True):
-            policy.record_result(r, res, now, self.config.queue.retry)
+            policy.record_result(r, res, now, self.config.queue.retry, job.channel)
             if res.code == OK:
                 maillog.delivered(job.entry.qid, r.addr, job.channel, r.last_reply)
             elif res.code == PERMANENT:
@@ -123,12 +124,18 @@ class Scheduler:
     def finish(self, entry: Entry) -> None:
         """After every job of a message: notify, then remove it or keep its state."""
         qid = entry.qid
+        succeeded = policy.unreported(entry)
+        if succeeded:
+            self._notify(entry, succeeded, delay=False, success=True)
+            entry.reported += [r.addr for r in succeeded]
         failed = policy.unbounced(entry)
         if failed:
-            self._notify(entry, failed, delay=False)
+            # NOTIFY=NEVER (or without FAILURE): done, with no report.
+            if policy.to_bounce(failed):
+                self._notify(entry, policy.to_bounce(failed), delay=False)
             entry.bounced += [r.addr for r in failed]
         elif policy.needs_warning(entry, self.now(), self.config.queue):
-            self._notify(entry, [r for r in entry.recipients if not r.done], delay=True)
+            self._notify(entry, policy.delayed(entry), delay=True)
             entry.warned = True
         if policy.finished(entry):
             self.spool.remove(qid)
@@ -139,9 +146,13 @@ class Scheduler:
             self.spool.write_entry(entry)
         self.new.discard(qid)
 
-    def _notify(self, entry: Entry, recipients: list[Recipient], delay: bool) -> None:
-        """Queue a bounce (or delay warning) for ``recipients`` of ``entry``."""
-        to = policy.notify_whom(entry, recipients, delay, self.config.hostname)
+    def _notify(
+        self, entry: Entry, recipients: list[Recipient], delay: bool, success: bool = False
+    ) -> None:
+        """Queue a bounce, a delay warning or a success report for ``recipients``."""
+        to = entry.sender if success else None
+        if not success:
+            to = policy.notify_whom(entry, recipients, delay, self.config.hostname)
         if to is None:
             if not delay:
                 log.error(
@@ -151,7 +162,14 @@ class Scheduler:
                 )
             return
         failures = [
-            Failure(r.addr, r.last_reply, policy.notice_status(r, delay), r.remote)
+            Failure(
+                r.addr,
+                r.last_reply,
+                r.status or "2.0.0" if success else policy.notice_status(r, delay),
+                remote=r.remote,
+                orcpt=r.orcpt,
+                action=r.success if success else "",
+            )
             for r in recipients
         ]
         try:
@@ -164,6 +182,9 @@ class Scheduler:
                 failures=failures,
                 message_path=self.spool.message_path(entry.qid),
                 delay=delay,
+                success=success,
+                content=policy.return_content(entry, success),
+                envid=entry.envid,
                 date=headers.rfc5322_date(),
             ):
                 qc.write(chunk)

@@ -14,6 +14,7 @@ sockets.
 from __future__ import annotations
 
 from mailgrave import address
+from mailgrave.envelope import MAX_ENVID, MAX_ORCPT, dsn_text_ok, valid_notify
 from mailgrave.log import quote
 from mailgrave.record import Record, record
 from mailgrave.smtp import replies as R
@@ -84,6 +85,11 @@ class MessageStart(Record):
     recipients: tuple[str, ...]
     helo: str
     proto: str
+    # DSN (RFC 3461), as in mailgrave.envelope.Envelope
+    ret: str = ""
+    envid: str = ""
+    notify: tuple[str, ...] = ()
+    orcpt: tuple[str, ...] = ()
 
 
 @record
@@ -334,11 +340,54 @@ def parse_path(inner: str, utf8: bool) -> Path:
 
 
 def _parse_params(text: str) -> dict[str, str]:
+    """``KEY=value`` words; a keyword given twice is a syntax error (PathError)."""
     params: dict[str, str] = {}
     for word in text.split():
         key, _, value = word.partition("=")
+        if key.upper() in params:
+            raise PathError(R.SYNTAX)
         params[key.upper()] = value
     return params
+
+
+_HEX = "0123456789ABCDEF"
+
+
+def xtext_decode(text: str) -> str | None:
+    """RFC 3461 §4 xtext (``+XX`` for a character outside ``!``..``~``, ``+``
+    and ``=``); None when it is not xtext."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "+":
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or any(c not in _HEX for c in pair):
+                return None
+            out.append(chr(int(pair, 16)))
+            i += 3
+            continue
+        if not "!" <= ch <= "~" or ch == "=":
+            return None
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def xtext_encode(text: str) -> str:
+    """The inverse of :func:`xtext_decode`."""
+    return "".join(ch if "!" <= ch <= "~" and ch not in "+=" else f"+{ord(ch):02X}" for ch in text)
+
+
+def orcpt_value(value: str) -> str | None:
+    """An ORCPT parameter (``addr-type;xtext``) as stored: ``rfc822;user@domain``,
+    decoded; None when it is malformed (RFC 3461 §4.2)."""
+    kind, semi, xtext = value.partition(";")
+    decoded = xtext_decode(xtext) if semi else None
+    if not kind or decoded is None or not all(c.isalnum() or c == "-" for c in kind):
+        return None
+    stored = f"{kind.lower() if kind.lower() == 'rfc822' else kind};{decoded}"
+    return stored if dsn_text_ok(stored, MAX_ORCPT) else None
 
 
 class Server:
@@ -359,6 +408,10 @@ class Server:
         self.auth_failures = 0
         self._auth_mech = ""
         self._auth_user: str | None = None  # LOGIN: the user name, once given
+        self.ret = ""  # DSN RET and ENVID of the transaction
+        self.envid = ""
+        self._dsn: dict[str, tuple[str, str]] = {}  # recipient -> (NOTIFY, ORCPT)
+        self._pending_dsn = ("", "")  # of the RCPT being handled
         self._buf = bytearray()
         self._events: list[Event] = []
         # DATA reading state
@@ -505,6 +558,8 @@ class Server:
         self.sender = None
         self.recipients = []
         self.utf8 = False
+        self.ret = self.envid = ""
+        self._dsn = {}
 
     def _run(self) -> None:
         while self.state not in (State.CLOSED, State.COMMIT, State.TLS, State.AUTH_CHECK):
@@ -612,6 +667,7 @@ class Server:
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
+            "DSN",
             "CHUNKING",
         ]
         if self.policy.tls_available and not self.tls:
@@ -760,6 +816,7 @@ class Server:
             return R.SYNTAX
         if self.policy.submission and not self.login:
             return R.AUTH_REQUIRED
+        ret = envid = ""
         try:
             inner, params_text = _split_path(rest)
             params = _parse_params(params_text)
@@ -775,6 +832,14 @@ class Server:
                         return R.SYNTAX
                 elif key == "SMTPUTF8":
                     if value:
+                        return R.SYNTAX
+                elif key == "RET":
+                    ret = value.upper()
+                    if ret not in ("FULL", "HDRS"):
+                        return R.SYNTAX
+                elif key == "ENVID":
+                    envid = xtext_decode(value) or ""
+                    if not dsn_text_ok(envid, MAX_ENVID):
                         return R.SYNTAX
                 else:
                     return R.BAD_PARAM
@@ -797,6 +862,7 @@ class Server:
             if refusal is not None:
                 return refusal  # type: ignore[no-any-return]
         self.sender, self.utf8, self.recipients = sender, utf8, []
+        self.ret, self.envid, self._dsn = ret, envid, {}
         return R.OK
 
     def _rcpt(self, arg: str) -> Reply:
@@ -805,8 +871,19 @@ class Server:
             return R.SYNTAX
         try:
             inner, params_text = _split_path(rest)
-            if params_text:
-                return R.BAD_PARAM
+            notify = orcpt = ""
+            for key, value in _parse_params(params_text).items():
+                if key == "NOTIFY":
+                    notify = value.upper()
+                    if not valid_notify(notify):
+                        return R.SYNTAX
+                elif key == "ORCPT":
+                    orcpt = orcpt_value(value) or ""
+                    if not orcpt:
+                        return R.SYNTAX
+                else:
+                    return R.BAD_PARAM
+            self._pending_dsn = (notify, orcpt)
             if inner.lower() == "postmaster":
                 # RFC 5321 §4.5.1: always accepted, whatever the policy says.
                 domain = address.to_ascii_domain(self.policy.hostname)
@@ -850,6 +927,8 @@ class Server:
         rcpt = str(path)
         if rcpt not in self.recipients:
             self.recipients.append(rcpt)
+            if any(self._pending_dsn):
+                self._dsn[rcpt] = self._pending_dsn
         return R.OK
 
     def _data(self, arg: str) -> Reply:
@@ -865,8 +944,18 @@ class Server:
         self._prev_crlf = True
         self._midline = False
         assert self.sender is not None
+        dsn = [self._dsn.get(r, ("", "")) for r in self.recipients] if self._dsn else []
         self._events.append(
-            MessageStart(self.sender, tuple(self.recipients), self.helo, self.proto)
+            MessageStart(
+                self.sender,
+                tuple(self.recipients),
+                self.helo,
+                self.proto,
+                self.ret,
+                self.envid,
+                tuple(d[0] for d in dsn),
+                tuple(d[1] for d in dsn),
+            )
         )
 
     def _flaw(self, reply: Reply) -> None:

@@ -32,7 +32,9 @@ def _lookup(res: dns_resolver.Resolver) -> object:
     def lookup(name: str, qtype: str, strict: bool = True, timeout: float = 30) -> list[object]:
         out: list[object] = []
         try:
-            answers = res.resolve(name, qtype, lifetime=timeout, search=False)
+            # remote.dns.timeout bounds each lookup; pyspf's own timeout is for
+            # the whole evaluation (a refusing server would otherwise cost all of it).
+            answers = res.resolve(name, qtype, lifetime=min(timeout, res.lifetime), search=False)
         except (dns_resolver.NoAnswer, dns_resolver.NXDOMAIN):
             return out
         except (dns_exception.Timeout, dns_resolver.NoNameservers) as exc:

@@ -385,7 +385,7 @@ class Session:
             self.queue = QueueClient(
                 self.config.socket_path("queue.ctrl"),
                 attrs=attrs,
-                envelope=Envelope(ev.sender, ev.recipients),
+                envelope=Envelope(ev.sender, ev.recipients, ev.ret, ev.envid, ev.notify, ev.orcpt),
             )
         except (TempFail, OSError, ValueError) as exc:
             log.warning("cannot submit to the queue: %s", exc)

@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--tempfail-first", type=int, default=0)
     p.add_argument("--always-tempfail", action="store_true")
     p.add_argument("--smtputf8", action="store_true")
+    p.add_argument("--dsn", action="store_true", help="offer DSN (RFC 3461), record its parameters")
     args = p.parse_args()
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,12 +55,17 @@ def main() -> None:
         async def handle_EHLO(self, server, session, envelope, hostname, responses):
             session.host_name = hostname
             event(kind="ehlo", tls=session.ssl is not None)
+            if args.dsn:
+                responses.insert(1, "250-DSN")
             return responses
 
         async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
             if address.split("@")[0].startswith(args.reject_prefix):
                 return "550 5.1.1 no such user here"
             envelope.rcpt_tos.append(address)
+            if not hasattr(envelope, "dsn_rcpt"):
+                envelope.dsn_rcpt = []
+            envelope.dsn_rcpt.append(rcpt_options)
             return "250 2.1.5 ok"
 
         async def handle_DATA(self, server, session, envelope):
@@ -75,6 +81,7 @@ def main() -> None:
                         "mail_from": envelope.mail_from,
                         "rcpt_tos": envelope.rcpt_tos,
                         "mail_options": envelope.mail_options,
+                        "rcpt_options": getattr(envelope, "dsn_rcpt", []),
                         "tls": session.ssl is not None,
                         "auth": session.authenticated,
                     }
@@ -98,6 +105,15 @@ def main() -> None:
     excluded = [m for m in ("PLAIN", "LOGIN") if m not in mechs]
 
     class Counting(SMTP):
+        def _getparams(self, params):
+            # aiosmtpd refuses every parameter it does not know with 555: with
+            # --dsn it knows those of RFC 3461 (kept in mail/rcpt_options; upper-cased).
+            found = super()._getparams(params)
+            if args.dsn and found is not None:
+                for key in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                    found.pop(key, None)
+            return found
+
         def connection_made(self, transport):
             event(kind="connect")
             super().connection_made(transport)

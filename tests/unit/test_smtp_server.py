@@ -273,7 +273,8 @@ def test_mail_parameters() -> None:
     assert d.code("MAIL FROM:<a@b.test> FOO=BAR") == "555 5.5.4"
     assert d.code("MAIL FROM:<a@b.test> BODY=BINARYMIME") == "501 5.5.4"
     assert d.code("MAIL FROM:<a@b.test>") == "250 2.0.0"
-    assert d.code("RCPT TO:<alice@example.org> NOTIFY=NEVER") == "555 5.5.4"
+    assert d.code("RCPT TO:<alice@example.org> NOTIFY=NEVER") == "250 2.0.0"  # DSN
+    assert d.code("RCPT TO:<bob@example.org> FOO=BAR") == "555 5.5.4"
 
 
 def test_duplicate_recipients_are_kept_once() -> None:
