@@ -260,7 +260,13 @@ def test_success_report_with_envid_orcpt_and_headers_only(tmp_path: Path) -> Non
     msg = _report(
         tmp_path,
         failures=[
-            Failure("x@example.net", "2.0.0 delivered", "2.0.0", "rfc822;X@old.example", "relayed")
+            Failure(
+                "x@example.net",
+                "2.0.0 delivered",
+                "2.0.0",
+                orcpt="rfc822;X@old.example",
+                action="relayed",
+            )
         ],
         success=True,
         content="headers",
