@@ -22,6 +22,7 @@ from mailgrave import log as logmod
 from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
 from mailgrave.proc import bind_unix, serve_threads
+from mailgrave.queue.inbound import Inbound
 from mailgrave.sd import listen_fds, peer_uid, stdin_socket
 from mailgrave.spool import GroupSync, Spool, Submission
 
@@ -66,8 +67,13 @@ class Queue:
             if isinstance(envelope_source, bytes):
                 envelope = decode(envelope_source)
                 entry.begin(envelope.encode(), self._received(qid, envelope, attrs, uid))
+            # Every client's message loses fields claiming our authserv-id (RFC 8601 §5).
+            inbound = Inbound(self.config.hostname)
             for chunk in chunks:
-                entry.write(chunk)
+                entry.write(inbound.feed(chunk))
+            entry.write(inbound.end())
+            if inbound.removed:
+                log.info("%s: removed %d forged Authentication-Results:", qid, inbound.removed)
             if envelope is None:
                 assert callable(envelope_source)
                 envelope = decode(envelope_source())
