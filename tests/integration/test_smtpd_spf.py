@@ -100,8 +100,8 @@ def test_record_adds_one_header_and_rejects_nothing(
     raw = next(m for m in inst.messages("alice") if subject.encode() in m)
     [header] = auth_results(raw)
     assert header.authserv_id == "mx.example.org"
-    [clause] = header.results
-    assert clause.method == "spf" and clause.result == result
+    [clause] = [c for c in header.results if c.method == "spf"]  # with dkim=, dmarc=
+    assert clause.result == result
     assert clause.smtp_mailfrom == (sender or "postmaster@client.test")
     # below this host's Received: line, above the message's own fields
     assert raw.index(b"Received:") < raw.index(b"Authentication-Results:") < raw.index(b"From:")
@@ -150,7 +150,8 @@ def test_forged_authentication_results_removed(recording: tuple[Instance, int]) 
     wait_for(lambda: any(b"Subject: forged" in m for m in inst.messages("alice")), timeout=30)
     raw = next(m for m in inst.messages("alice") if b"Subject: forged" in m)
     ours, other = auth_results(raw)
-    assert ours.authserv_id == "mx.example.org" and ours.results[0].result == "fail"
+    assert ours.authserv_id == "mx.example.org"
+    assert [c.result for c in ours.results if c.method == "spf"] == ["fail"]
     assert other.authserv_id == "other.example"
     assert raw.count(b"mx.example.org; spf=pass") == 0
 
