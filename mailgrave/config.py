@@ -373,6 +373,10 @@ class Checks(Record):
     # Sender authentication on receipt (mailgrave-smtpd, clients outside
     # relay_networks): record adds Authentication-Results:, enforce also refuses.
     spf: str = _opt(_choice("off", "record", "enforce"), "record")
+    # verified by mailgrave-queue once the message is in; enforce: DNS trouble defers
+    dkim: str = _opt(_choice("off", "record", "enforce"), "record")
+    # enforce: a failure under p=reject is refused after DATA, DNS trouble deferred
+    dmarc: str = _opt(_choice("off", "record", "enforce"), "record")
 
 
 @record

@@ -53,8 +53,9 @@ def received(
     line += f"; {date}\n"
     if attrs and attrs.get("authres"):
         # mailgrave-smtpd's checks (RFC 8601), below this host's Received: line
-        value = "".join(c if c.isprintable() else "?" for c in attrs["authres"])[:900]
-        line += f"Authentication-Results: {value}\n"
+        value = "".join(c if c.isprintable() else "?" for c in attrs["authres"])[:8000]
+        # one result a line (RFC 5322 §2.1.1: lines under 998 octets)
+        line += "Authentication-Results: " + ";\n\t".join(value.split("; ")) + "\n"
     return line.encode("utf-8", "surrogateescape")
 
 

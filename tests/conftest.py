@@ -144,7 +144,7 @@ class Instance:
             "remote": {"dns": {"nameservers": ["127.0.0.1"], "port": 9, "timeout": "2s"}},
             # Sender checks ask DNS (here: nobody) for every client outside
             # relay_networks; the tests of the checks turn them on.
-            "checks": {"spf": "off"},
+            "checks": {"spf": "off", "dkim": "off", "dmarc": "off"},
         }
         _merge(self.settings, overrides)
         (base / "aliases").touch()

@@ -51,6 +51,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config.checks.spf != "off" and importlib.util.find_spec("spf") is None:
         problems.append(f"{path}: checks.spf: {config.checks.spf} needs python3-spf")
     problems += _check_auth(config, path)
+    for key, mode, modules in (
+        ("dkim", config.checks.dkim, ("dkim", "authres")),
+        ("dmarc", config.checks.dmarc, ("dkim", "authres", "publicsuffix2")),
+    ):
+        for module in modules if mode != "off" else ():
+            if importlib.util.find_spec(module) is None:
+                problems.append(f"{path}: checks.{key}: {mode} needs python3-{module}")
+    psl = "/usr/share/publicsuffix/public_suffix_list.dat"  # mailgrave.queue.authcheck's
+    if config.checks.dmarc != "off" and not os.access(psl, os.R_OK):
+        problems.append(f"{path}: checks.dmarc: {config.checks.dmarc} needs {psl} (publicsuffix)")
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

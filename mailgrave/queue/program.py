@@ -22,6 +22,8 @@ from mailgrave import log as logmod
 from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
 from mailgrave.proc import bind_unix, serve_threads
+from mailgrave.queue.authcheck import Checker
+from mailgrave.queue.inbound import Inbound
 from mailgrave.sd import listen_fds, peer_uid, stdin_socket
 from mailgrave.spool import GroupSync, Spool, Submission
 
@@ -39,6 +41,7 @@ class Queue:
         self.spool.create()
         self.todo_sync = GroupSync(self.spool.path("todo"))
         self.trusted = _trusted_uids(config.queue.trusted_users)
+        self.checker = Checker(config)
 
     def submit(
         self,
@@ -63,11 +66,23 @@ class Queue:
             entry = Submission(self.spool, self.config.queue.max_message_size)
             qid = entry.qid
             envelope = None
+            # smtpd's ask (a trusted attribute): DKIM and DMARC, whose results go
+            # into the header only once the message is in (then written by prepend)
+            check = bool(attrs and attrs.get("check") and self.checker.active)
             if isinstance(envelope_source, bytes):
                 envelope = decode(envelope_source)
-                entry.begin(envelope.encode(), self._received(qid, envelope, attrs, uid))
+                if not check:
+                    entry.begin(envelope.encode(), self._received(qid, envelope, attrs, uid))
+            # Every client's message loses fields claiming our authserv-id (RFC 8601 §5).
+            inbound = self.checker.inbound() if check else Inbound(self.config.hostname)
             for chunk in chunks:
-                entry.write(chunk)
+                entry.write(inbound.feed(chunk))
+            entry.write(inbound.end())
+            if inbound.removed:
+                log.info("%s: removed %d forged Authentication-Results:", qid, inbound.removed)
+            if check and envelope is not None and attrs is not None:
+                attrs = self._checked(qid, inbound, attrs)
+                entry.prepend(envelope.encode(), self._received(qid, envelope, attrs, uid))
             if envelope is None:
                 assert callable(envelope_source)
                 envelope = decode(envelope_source())
@@ -84,6 +99,15 @@ class Queue:
         finally:
             if entry is not None:
                 entry.discard()
+
+    def _checked(self, qid: str, inbound: Inbound, attrs: dict[str, str]) -> dict[str, str]:
+        """DKIM and DMARC (checks.dkim, checks.dmarc): the attributes with the
+        Authentication-Results: value; PermFail/TempFail when enforce refuses."""
+        try:
+            return self.checker.check(inbound, attrs)
+        except (PermFail, TempFail) as exc:
+            log.info("%s: refused from [%s]: %s", qid, attrs.get("addr", "?"), exc.text)
+            raise
 
     def _received(
         self, qid: str, envelope: Envelope, attrs: dict[str, str] | None, uid: int | None

@@ -20,7 +20,7 @@ from mailgrave import log as mglog
 from mailgrave import maillog
 from mailgrave.ctrl import QueueClient
 from mailgrave.envelope import Envelope
-from mailgrave.errors import PermFail, TempFail
+from mailgrave.errors import PermFail, TempFail, leading_status
 from mailgrave.fileio import write_all
 from mailgrave.recipients import recipient_exists
 from mailgrave.smtp import replies as R
@@ -92,12 +92,22 @@ class ConfigPolicy:
     def may_relay(self) -> bool:
         return self.config.may_relay(self.client_ip)
 
+    def checks_apply(self) -> bool:
+        """Whether sender authentication (checks.spf, .dkim, .dmarc) applies to this
+        client: the one place that says so (an untrusted client on port 25, not
+        in relay_networks; authenticated sessions are skipped where the login is
+        known: the core's MAIL, the session's queue attributes). Never in the
+        listener's warm-up session (no DNS before serving)."""
+        return self.sender_checks and not self.may_relay() and not self.submission
+
+    def check_message(self) -> bool:
+        """Whether mailgrave-queue is to verify DKIM and DMARC (the 'check' attribute)."""
+        checks = self.config.checks
+        return (checks.dkim != "off" or checks.dmarc != "off") and self.checks_apply()
+
     def check_mail(self, helo: str, sender: str) -> R.Reply | None:
-        """Sender authentication (checks.spf) for mail from outside: not for
-        relay_networks, nor on the submission ports (authenticated users)."""
-        if not self.sender_checks or self.config.checks.spf == "off":
-            return None
-        if self.may_relay() or self.submission:
+        """Sender authentication (checks.spf) for mail from outside (checks_apply)."""
+        if self.config.checks.spf == "off" or not self.checks_apply():
             return None
         if self.checks is None:
             # Lazy: spf, dns and authres load only for a session that checks.
@@ -380,6 +390,8 @@ class Session:
             attrs["authres"] = auth_results
         if self.server.login and self.config.auth.record_login:
             attrs["login"] = self.server.login
+        if self.policy.check_message() and not self.server.login:
+            attrs["check"] = "1"
         attrs = {k: v.replace("\0", "").replace("\n", "") for k, v in attrs.items()}
         try:
             self.queue = QueueClient(
@@ -422,10 +434,11 @@ class Session:
             qid = qc.commit()
         except TempFail as exc:
             log.warning("queue refused the message temporarily: %s", exc.text)
-            return self.server.message_failed(R.QUEUE_TEMPFAIL)
+            return self.server.message_failed(_policy_reply(exc.text, 451) or R.QUEUE_TEMPFAIL)
         except PermFail as exc:
             log.warning("queue refused the message: %s", exc.text)
-            return self.server.message_failed(R.Reply(554, "5.3.0", "Message refused"))
+            refused = _policy_reply(exc.text, 550) or R.Reply(554, "5.3.0", "Message refused")
+            return self.server.message_failed(refused)
         except OSError as exc:
             log.warning("queue connection failed: %s", type(exc).__name__)
             return self.server.message_failed(R.QUEUE_TEMPFAIL)
@@ -448,6 +461,15 @@ class Session:
         if self.queue is not None:
             self.queue.abort()
             self.queue = None
+
+
+def _policy_reply(text: str, code: int) -> R.Reply | None:
+    """The queue's own refusal of a checked message (DKIM, DMARC: status 4.7.x or
+    5.7.x) passed on to the client; None for any other queue failure."""
+    status, rest = leading_status(text)
+    if not status.startswith(("4.7.", "5.7.")):
+        return None
+    return R.Reply(code, status, rest)
 
 
 def serve_connection(

@@ -100,8 +100,8 @@ def test_record_adds_one_header_and_rejects_nothing(
     raw = next(m for m in inst.messages("alice") if subject.encode() in m)
     [header] = auth_results(raw)
     assert header.authserv_id == "mx.example.org"
-    [clause] = header.results
-    assert clause.method == "spf" and clause.result == result
+    [clause] = [c for c in header.results if c.method == "spf"]  # with dkim=, dmarc=
+    assert clause.result == result
     assert clause.smtp_mailfrom == (sender or "postmaster@client.test")
     # below this host's Received: line, above the message's own fields
     assert raw.index(b"Received:") < raw.index(b"Authentication-Results:") < raw.index(b"From:")
@@ -131,3 +131,39 @@ def test_relay_networks_clients_are_not_checked(tmp_path: Any, processes: Proces
     send(port, "a@fail.test", "trusted client")  # the DNS server of remote.dns is port 9
     wait_for(lambda: inst.messages("alice"), timeout=30)
     assert b"Authentication-Results:" not in inst.messages("alice")[0]
+
+
+FORGED = (
+    b"From: <a@pass.test>\r\n"
+    b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=a@pass.test\r\n"
+    b"Authentication-Results: other.example; spf=fail smtp.mailfrom=a@pass.test\r\n"
+    b"Subject: forged\r\n\r\nhello\r\n"
+)
+
+
+def test_forged_authentication_results_removed(recording: tuple[Instance, int]) -> None:
+    """RFC 8601 §5: a field claiming this host's authserv-id goes; another host's stays."""
+    inst, port = recording
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        smtp.sendmail("a@fail.test", ["alice@example.org"], FORGED)
+    wait_for(lambda: any(b"Subject: forged" in m for m in inst.messages("alice")), timeout=30)
+    raw = next(m for m in inst.messages("alice") if b"Subject: forged" in m)
+    ours, other = auth_results(raw)
+    assert ours.authserv_id == "mx.example.org"
+    assert [c.result for c in ours.results if c.method == "spf"] == ["fail"]
+    assert other.authserv_id == "other.example"
+    assert raw.count(b"mx.example.org; spf=pass") == 0
+
+
+def test_forged_authentication_results_removed_for_trusted_clients(
+    recording: tuple[Instance, int],
+) -> None:
+    """A local injection (trusted, unchecked) loses the forged field too."""
+    inst, _port = recording
+    data = FORGED.replace(b"Subject: forged", b"Subject: forged locally")
+    inst.sendmail("-f", "a@pass.test", "alice@example.org", data=data)
+    wait_for(lambda: any(b"forged locally" in m for m in inst.messages("alice")), timeout=30)
+    raw = next(m for m in inst.messages("alice") if b"forged locally" in m)
+    [other] = auth_results(raw)
+    assert other.authserv_id == "other.example"

@@ -108,3 +108,13 @@ def test_checks_spf_modes() -> None:
     with pytest.raises(config.ConfigError) as info:
         config.parse_text("checks: {spf: reject}\n")
     assert "checks.spf" in str(info.value)
+
+
+def test_checks_dkim_dmarc_modes() -> None:
+    c = config.parse_text("")
+    assert (c.checks.dkim, c.checks.dmarc) == ("record", "record")
+    assert config.parse_text("checks: {dmarc: enforce}\n").checks.dmarc == "enforce"
+    for key in ("dkim", "dmarc"):
+        with pytest.raises(config.ConfigError) as info:
+            config.parse_text(f"checks: {{{key}: reject}}\n")
+        assert f"checks.{key}" in str(info.value)
