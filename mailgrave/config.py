@@ -237,6 +237,16 @@ class Smtpd(Record):
     # refused); 0 greets at once and only catches what arrived before it.
     greet_pause: float = _opt(parse_duration, 0.2)
     banner: str = _opt(_str, "")
+    # A deadline for each command and for the whole DATA phase (Postfix's
+    # smtpd_per_request_deadline and smtpd_min_data_rate): `timeout` is per read,
+    # so a client trickling a byte now and then would otherwise never be dropped.
+    command_deadline: float = _opt(parse_duration, 300.0)
+    min_data_rate: int = _opt(_int, 500)  # bytes/s that DATA earns beyond the deadline
+    # When connections run short (warm-parent mode; STRESS_FRACTION of
+    # max_connections in use): the timeout and the deadline of every session
+    # shrink to this, and a client outside relay_networks gets this many at once.
+    stress_timeout: float = _opt(parse_duration, 10.0)
+    stress_max_connections_per_client: int = _opt(_int, 2)
     tls: TLS = _section(TLS)
 
 
