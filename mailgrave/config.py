@@ -274,6 +274,9 @@ class Queue(Record):
     max_message_size: int = _opt(parse_size, 100 * 1024 * 1024)
     idle_exit: float = _opt(parse_duration, 30.0)
     trusted_users: tuple[str, ...] = _opt(_list(_nonempty_str), ("root", "mailgrave-smtpd"))
+    # Free space the spool keeps for deliveries and bounces (Postfix's
+    # queue_minfree): new mail is refused below it, null-sender mail below half.
+    min_free: int = _opt(parse_size, 16 * 1024 * 1024)
 
 
 @record

@@ -406,6 +406,10 @@ class Session:
             qid = qc.commit()
         except TempFail as exc:
             log.warning("queue refused the message temporarily: %s", exc.text)
+            if exc.text.startswith("4.3.1"):
+                return self.server.message_failed(
+                    R.Reply(452, "4.3.1", "Insufficient system storage")
+                )
             return self.server.message_failed(R.QUEUE_TEMPFAIL)
         except PermFail as exc:
             log.warning("queue refused the message: %s", exc.text)

@@ -82,7 +82,9 @@ def test_send_backs_off_when_the_spool_is_full(
 def test_full_spool_refuses_smtp_and_sendmail_then_delivers(
     tmp_path: Path, small_spool: Path, processes: Processes
 ) -> None:
-    inst = Instance(tmp_path, spool=str(small_spool), smtpd={"greet_pause": "0s"})
+    inst = Instance(
+        tmp_path, spool=str(small_spool), queue={"min_free": 0}, smtpd={"greet_pause": "0s"}
+    )
     port = free_port()
     inst.start(processes, listen=f"127.0.0.1:{port}")
     ok = inst.sendmail("alice@example.org", data=b"Subject: before\n\nbody\n")
@@ -107,3 +109,36 @@ def test_full_spool_refuses_smtp_and_sendmail_then_delivers(
     subjects = [m for m in msgs if b"Subject: before" in m or b"Subject: after" in m]
     assert len(subjects) == 2
     assert not [m for m in msgs if b"while full" in m]
+
+
+@needs_root
+def test_reserve_refuses_before_the_spool_is_full(
+    tmp_path: Path, small_spool: Path, processes: Processes
+) -> None:
+    """queue.min_free: 452 4.3.1 / exit 75 while space remains; bounces still fit."""
+    inst = Instance(
+        tmp_path, spool=str(small_spool), queue={"min_free": "1M"}, smtpd={"greet_pause": "0s"}
+    )
+    port = free_port()
+    inst.start(processes, listen=f"127.0.0.1:{port}")
+    st = os.statvfs(small_spool)
+    # Leave about 700 KB: below the 1M reserve, above half of it.
+    ballast = small_spool / "ballast"
+    ballast.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 700 * 1024))
+    res = inst.sendmail("alice@example.org", data=b"Subject: reserve\n\nbody\n")
+    assert res.returncode == 75, (res.returncode, res.stderr)
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.ehlo("c")
+        assert smtp.mail("a@client.test")[0] == 250
+        assert smtp.rcpt("alice@example.org")[0] == 250
+        code, reply = smtp.data(b"Subject: reserve smtp\r\n\r\nbody\r\n")
+        assert (code, reply[:5]) == (452, b"4.3.1"), (code, reply)
+        # The null sender (a bounce) still has room.
+        assert smtp.mail("<>")[0] == 250
+        assert smtp.rcpt("alice@example.org")[0] == 250
+        assert smtp.data(b"Subject: a bounce\r\n\r\nbody\r\n")[0] == 250
+    ballast.unlink()
+    assert inst.sendmail("alice@example.org", data=b"Subject: room\n\nbody\n").returncode == 0
+    msgs = wait_for(lambda: len(inst.messages("alice")) >= 2 and inst.messages("alice"), timeout=30)
+    assert not [m for m in msgs if b"Subject: reserve" in m]
+    assert not [e for e in inst.spool_entries() if e.startswith("tmp/")]  # nothing half-written
