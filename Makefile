@@ -31,7 +31,7 @@ define apt_ensure
 endef
 
 .PHONY: all deps venv run test lint unit integration check-config clean bench smtp-source \
-	pkg-deps deb system-test
+	pkg-deps deb system-test stress
 
 all: venv
 
@@ -119,3 +119,10 @@ bench: venv
 	$(BIN)/python -m pip install -q --disable-pip-version-check py-spy
 	$(BIN)/python bench/bench.py --profile build/bench/profile $(BENCH_ARGS)
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -S bench/forkfloor.py
+
+# Faults and hostile input (issue 13; root for the tmpfs parts): the relay
+# battery, the hostile corpus, slowness and floods, a full disk, and
+# STRESS_FUZZ (1,000,000) fuzzed inputs to the protocol core; one table.
+STRESS_FUZZ ?= 1000000
+stress: venv
+	$(BIN)/python bench/stress.py --fuzz $(STRESS_FUZZ)

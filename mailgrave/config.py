@@ -269,6 +269,16 @@ class Smtpd(Record):
     banner: str = _opt(_str, "")
     # A DATA line ending in a bare LF: taken as a line end, or the message refused.
     bare_lf: str = _opt(_choice("normalize", "reject"), "normalize")
+    # A deadline for each command and for the whole DATA phase (Postfix's
+    # smtpd_per_request_deadline and smtpd_min_data_rate): `timeout` is per read,
+    # so a client trickling a byte now and then would otherwise never be dropped.
+    command_deadline: float = _opt(parse_duration, 300.0)
+    min_data_rate: int = _opt(_int, 500)  # bytes/s that DATA earns beyond the deadline
+    # When connections run short (warm-parent mode; STRESS_FRACTION of
+    # max_connections in use): the timeout and the deadline of every session
+    # shrink to this, and a client outside relay_networks gets this many at once.
+    stress_timeout: float = _opt(parse_duration, 10.0)
+    stress_max_connections_per_client: int = _opt(_int, 2)
     tls: TLS = _section(TLS)
 
 
@@ -329,6 +339,9 @@ class Queue(Record):
     max_message_size: int = _opt(parse_size, 100 * 1024 * 1024)
     idle_exit: float = _opt(parse_duration, 30.0)
     trusted_users: tuple[str, ...] = _opt(_list(_nonempty_str), ("root", "mailgrave-smtpd"))
+    # Free space the spool keeps for deliveries and bounces (Postfix's
+    # queue_minfree): new mail is refused below it, null-sender mail below half.
+    min_free: int = _opt(parse_size, 16 * 1024 * 1024)
 
 
 @record

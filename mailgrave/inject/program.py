@@ -252,13 +252,19 @@ def _login_name() -> tuple[str, str]:
     return pw.pw_name, pw.pw_gecos.split(",", 1)[0]
 
 
+def _header_text(text: str) -> str:
+    """``text`` fit for one header line: control characters (CR, LF, NUL...) become
+    spaces, so that ``sendmail -F`` (or a GECOS field) cannot add a header field."""
+    return "".join(" " if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text).strip()
+
+
 def _added_fields(
     header: Header, config: configmod.Config, sender: str, full_name: str | None
 ) -> bytes:
     present = {name for name, _ in header.fields}
     lines = []
     if "from" not in present:
-        name = full_name if full_name is not None else _login_name()[1]
+        name = _header_text(full_name if full_name is not None else _login_name()[1])
         addr = sender or f"MAILER-DAEMON@{config.hostname}"
         if name:
             quoted = name.replace("\\", "\\\\").replace('"', '\\"')

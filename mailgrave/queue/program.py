@@ -60,6 +60,7 @@ class Queue:
         """
         if attrs and uid not in self.trusted:
             attrs = None
+        self._check_room(envelope_source)
         entry: Submission | None = None
         qid = "-"
         try:
@@ -109,10 +110,34 @@ class Queue:
             log.info("%s: refused from [%s]: %s", qid, attrs.get("addr", "?"), exc.text)
             raise
 
+    def _check_room(self, envelope_source: bytes | Callable[[], bytes]) -> None:
+        """Refuse (TempFail 4.3.1) below queue.min_free free bytes, null-sender mail
+        (bounces) only below half of it: the reserve keeps room for deliveries'
+        state and for bounces (docs/man/mailgrave.yaml.5)."""
+        reserve = self.config.queue.min_free
+        if not reserve:
+            return
+        free = _free_bytes(self.spool.path("tmp"))
+        if free is None or free >= reserve:
+            return
+        if isinstance(envelope_source, bytes) and envelope_source.startswith(b"F\0"):
+            reserve //= 2
+        if free < reserve:
+            log.warning("spool has %d bytes free, below queue.min_free: mail refused", free)
+            raise TempFail("4.3.1 insufficient system storage")
+
     def _received(
         self, qid: str, envelope: Envelope, attrs: dict[str, str] | None, uid: int | None
     ) -> bytes:
         return headers.received(self.config.hostname, qid, envelope, attrs, uid)
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _trusted_uids(names: tuple[str, ...]) -> frozenset[int]:

@@ -10,6 +10,7 @@ per remote domain: one slow destination never holds up the others.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections import deque
@@ -29,6 +30,12 @@ from mailgrave.spool import ACTIONS, Entry, Recipient, Spool
 log = logmod.getLogger(__name__)
 
 DEFERRED_RESCAN = 30.0
+# The spool cannot be written (full, read-only): pause this long, doubling to
+# BACKOFF_MAX, and say so at most once every BACKOFF_LOG_EVERY seconds.
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
+BACKOFF_LOG_EVERY = 60.0
+UNWRITABLE = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
 LINGER = 2.0  # seconds an idle run waits for new mail before it exits
 TODO_POLL = 0.05
 
@@ -46,6 +53,11 @@ class Scheduler:
         # Set by SIGTERM (systemctl stop): finish what is in flight, start nothing new.
         self.stopping = False
         self.agents = ctrl.Agents()
+        self.backoff = SpoolBackoff()
+        # Messages whose new state could not be written: kept here (what was
+        # delivered stays known) and saved again when the back-off ends, never
+        # delivered again meanwhile.
+        self.unsaved: dict[str, Entry] = {}
 
     # --- what is due ---------------------------------------------------------
 
@@ -61,7 +73,7 @@ class Scheduler:
         """Jobs due now for messages not already in flight."""
         jobs: list[Job] = []
         for qid in self.spool.todo():
-            if qid in self.inflight:
+            if qid in self.inflight or qid in self.unsaved:
                 continue
             entry = self.spool.read_entry(qid) or self._new_entry(qid)
             if entry is None:
@@ -70,7 +82,7 @@ class Scheduler:
             jobs += self._jobs_for(entry, new=True)
         if rescan_deferred:
             for qid in self.spool.deferred():
-                if qid in self.inflight or qid in self.new:
+                if qid in self.inflight or qid in self.new or qid in self.unsaved:
                     continue
                 entry = self.spool.read_entry(qid)
                 if entry is not None:
@@ -213,7 +225,15 @@ class Scheduler:
         woke = False  # a rescan was made for wake_at and found nothing to do yet
         try:
             while True:
-                if not self.stopping:
+                if not self.stopping and self.backoff.paused():
+                    # The spool cannot be written: deliver nothing new (its
+                    # state could not be kept), finish what is in flight.
+                    if not futures:
+                        time.sleep(min(0.2, self.backoff.remaining()))
+                        continue
+                elif not self.stopping:
+                    if self.unsaved and not self._save_unsaved():
+                        continue
                     if self.apply_control_requests():
                         wake_at, woke = None, False
                     if wake_at is not None and self.now() >= wake_at:
@@ -298,13 +318,42 @@ class Scheduler:
     def _keep_on_error(self, entry: Entry) -> None:
         """Save what we know so that nothing is lost; it is retried next run."""
         try:
-            if entry.qid in self.new:
-                self.spool.take_over(entry)
-                self.new.discard(entry.qid)
-            else:
-                self.spool.write_entry(entry)
+            self._save(entry)
         except OSError as exc:
-            log.error("%s: cannot save state: %s", entry.qid, exc)
+            if exc.errno in UNWRITABLE:
+                self.unsaved[entry.qid] = entry
+                self.backoff.failed(exc)
+            else:
+                log.error("%s: cannot save state: %s", entry.qid, exc)
+
+    def _save(self, entry: Entry) -> None:
+        if entry.qid in self.new:
+            self.spool.take_over(entry)
+            self.new.discard(entry.qid)
+        else:
+            self.spool.write_entry(entry)
+
+    def _save_unsaved(self) -> bool:
+        """After a back-off: write the states kept in memory; False if it still fails."""
+        for qid, entry in list(self.unsaved.items()):
+            try:
+                self.finish(entry)
+            except (TempFail, OSError) as exc:
+                cause = exc if isinstance(exc, OSError) else exc.__cause__
+                if isinstance(cause, OSError) and cause.errno in UNWRITABLE:
+                    self.backoff.failed(cause)
+                    return False
+                log.error("%s: cannot update the queue: %s", qid, exc)
+                try:
+                    self._save(entry)
+                except OSError as exc2:
+                    if exc2.errno in UNWRITABLE:
+                        self.backoff.failed(exc2)
+                        return False
+                    log.error("%s: cannot save state: %s", qid, exc2)
+            del self.unsaved[qid]
+        self.backoff.recovered()
+        return True
 
     def apply_control_requests(self) -> bool:
         """Requests that `mailgrave queue` left in ctl/ while this run held the lock;
@@ -323,3 +372,42 @@ class Scheduler:
         for path in self.spool.stale():
             log.info("removing leftover %s", path)
             Spool.unlink_quiet(path)
+
+
+class SpoolBackoff:
+    """A spool that cannot be written (ENOSPC, EROFS, EDQUOT): pause deliveries for
+    a growing interval, and log the condition once per BACKOFF_LOG_EVERY seconds
+    with the number of failures since, not once per attempt."""
+
+    def __init__(self) -> None:
+        self.interval = 0.0
+        self.until = 0.0
+        self.last_log = float("-inf")
+        self.failures = 0
+
+    def paused(self) -> bool:
+        return time.monotonic() < self.until
+
+    def remaining(self) -> float:
+        return max(0.0, self.until - time.monotonic())
+
+    def failed(self, exc: OSError) -> None:
+        now = time.monotonic()
+        self.interval = min(BACKOFF_MAX, max(BACKOFF_MIN, self.interval * 2))
+        self.until = now + self.interval
+        self.failures += 1
+        if now - self.last_log >= BACKOFF_LOG_EVERY:
+            log.error(
+                "spool not writable (%s); deliveries paused, retrying every %gs at most "
+                "(%d failure(s) since the last report)",
+                errno.errorcode.get(exc.errno or 0, exc.errno),
+                BACKOFF_MAX,
+                self.failures,
+            )
+            self.last_log, self.failures = now, 0
+
+    def recovered(self) -> None:
+        if self.interval:
+            log.info("spool writable again; deliveries resume")
+        self.interval = 0.0
+        self.until = 0.0

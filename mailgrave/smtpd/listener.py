@@ -17,11 +17,22 @@ from mailgrave import maillog
 from mailgrave.errors import EXIT_OK
 from mailgrave.proc import run_and_exit
 from mailgrave.smtp import replies as R
-from mailgrave.smtpd.session import READ_SIZE, Channel, Session, _plain_ip, serve_connection
+from mailgrave.smtpd.session import (
+    READ_SIZE,
+    Channel,
+    Session,
+    Stress,
+    _plain_ip,
+    serve_connection,
+)
 
 log = mglog.getLogger(__name__)
 
 REAP_INTERVAL = 0.5
+# Connections run short (Postfix's stress mode) from this share of max_connections;
+# beyond RESERVE_FRACTION, only clients in relay_networks are admitted.
+STRESS_FRACTION = 0.8
+RESERVE_FRACTION = 0.9
 
 
 class Listener:
@@ -53,6 +64,7 @@ class Listener:
         self.leaving: set[int] = set()  # spares sent away, not yet reaped
         self.last_accept = 0.0
         self.stopping = False
+        self.stress = False  # connections run short: see _check_stress
 
     def run(self) -> int:
         if self.config.smtpd.tls.certificate:
@@ -62,12 +74,15 @@ class Listener:
 
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        # Set here, before any fork, so that no child can get SIGUSR1 without it.
+        signal.signal(signal.SIGUSR1, Stress.enter)
         for sock in self.sockets:
             sock.setblocking(False)
         idle_exit = self.config.smtpd.idle_exit
         last_activity = time.monotonic()
         while not self.stopping:
             self.reap()
+            self._check_stress()
             now = time.monotonic()
             if self.children:
                 last_activity = now
@@ -92,6 +107,45 @@ class Listener:
 
     def _stop(self, signum: int, frame: object) -> None:
         self.stopping = True
+
+    def _check_stress(self) -> None:
+        """Enter or leave stress mode as the share of connections in use crosses
+        STRESS_FRACTION; on entry every session is told (SIGUSR1) to use
+        smtpd.stress_timeout, so idle and trickling clients make room."""
+        limit = self.config.smtpd.max_connections
+        stressed = bool(limit) and len(self.children) >= STRESS_FRACTION * limit
+        if stressed == self.stress:
+            return
+        self.stress = stressed
+        if stressed:
+            log.warning(
+                "%d of %d connections in use: stress mode (timeouts %gs, %d per untrusted client)",
+                len(self.children),
+                limit,
+                self.config.smtpd.stress_timeout,
+                self.config.smtpd.stress_max_connections_per_client,
+            )
+            for pid in list(self.children):
+                self._tell_stress(pid)
+        else:
+            log.info("%d of %d connections in use: stress mode ends", len(self.children), limit)
+
+    @staticmethod
+    def _tell_stress(pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
+    def _stress_refuses(self, ip: str, per_client: int) -> bool:
+        """Under stress, a client outside relay_networks gets only
+        smtpd.stress_max_connections_per_client connections at once, and none
+        of the last slots (RESERVE_FRACTION): those stay for relay_networks."""
+        if not self.stress or self.config.may_relay(ip):
+            return False
+        cap = self.config.smtpd.stress_max_connections_per_client
+        reserve = RESERVE_FRACTION * self.config.smtpd.max_connections
+        return (bool(cap) and per_client >= cap) or len(self.children) >= reserve
 
     def reap(self) -> None:
         while self.children or self.spares or self.leaving:
@@ -146,6 +200,7 @@ class Listener:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            Stress.active = self.stress
             for sock in [*self.sockets, *self.spares.values()]:
                 sock.close()
             for fd in self.live.values():
@@ -183,6 +238,8 @@ class Listener:
                 continue  # that spare is gone; reap() collects it
             self.children[pid] = ip
             self.live[pid] = sock.detach()
+            if self.stress:
+                self._tell_stress(pid)  # forked before the stress began
             return True
         return False
 
@@ -204,8 +261,12 @@ class Listener:
         limit_client = smtpd.max_connections_per_client
         if limit_client and not smtpd.limit_relay_networks and self.config.may_relay(ip):
             limit_client = 0  # relay_networks are exempt, as Postfix exempts $mynetworks
-        if (smtpd.max_connections and self.live_sessions() >= smtpd.max_connections) or (
-            limit_client and self.live_sessions(ip) >= limit_client
+        per_client = self.live_sessions(ip)
+        self._check_stress()
+        if (
+            (smtpd.max_connections and self.live_sessions() >= smtpd.max_connections)
+            or (limit_client and per_client >= limit_client)
+            or self._stress_refuses(ip, per_client)
         ):
             maillog.rejected("connect", f"[{ip}]", "too many connections")
             try:
@@ -230,6 +291,7 @@ class Listener:
         self.children[pid] = ip
         self.live[pid] = ours
         conn.close()
+        self._check_stress()
 
 
 WARM_UP = (

@@ -145,13 +145,15 @@ class Channel:
         except OSError:
             return False
 
-    def recv(self) -> bytes:
-        """Bytes from the client; b"" at EOF; TimeoutError when idle too long."""
+    def recv(self, wait: float | None = None) -> bytes:
+        """Bytes from the client; b"" at EOF; TimeoutError when idle too long
+        (``wait`` seconds if given, else the channel's timeout)."""
+        timeout = self.timeout if wait is None else max(wait, 0.0)
         if self.sock is None:
-            if self.timeout is not None and not self.readable(self.timeout):
+            if timeout is not None and not self.readable(timeout):
                 raise TimeoutError
             return os.read(0, READ_SIZE)
-        self.sock.settimeout(self.timeout)
+        self.sock.settimeout(timeout)
         try:
             return bytes(self.sock.recv(READ_SIZE))
         except TimeoutError as exc:
@@ -241,6 +243,75 @@ def _plain_ip(ip: str) -> str:
     return str(ipaddress.IPv6Address(packed))
 
 
+class Stress:
+    """Whether connections run short (warm-parent mode): the listener says so with
+    SIGUSR1 to its children, or before it forks one; sessions then use
+    ``smtpd.stress_timeout``. A plain flag: set from a signal handler."""
+
+    active = False
+
+    @staticmethod
+    def enter(_signum: object = None, _frame: object = None) -> None:
+        Stress.active = True
+
+
+class Deadline:
+    """When the client must have finished its current command, or its DATA.
+
+    Postfix's smtpd_per_request_deadline and smtpd_min_data_rate: a request
+    starts when the server has answered the previous one; a command line must be
+    complete ``command_deadline`` seconds later however slowly it trickles in,
+    and DATA earns 1/``min_data_rate`` seconds more for each byte received. The
+    idle timeout (``smtpd.timeout``) still applies to each read. Under stress
+    both shrink to ``stress_timeout``.
+    """
+
+    def __init__(self, smtpd: configmod.Smtpd) -> None:
+        self.smtpd = smtpd
+        self.start = time.monotonic()
+        self.data_bytes = 0
+
+    def restart(self) -> None:
+        self.start = time.monotonic()
+        self.data_bytes = 0
+
+    def _limits(self) -> tuple[float, float]:
+        timeout, deadline = self.smtpd.timeout, self.smtpd.command_deadline
+        if Stress.active and self.smtpd.stress_timeout:
+            stress = self.smtpd.stress_timeout
+            timeout = min(timeout, stress) if timeout else stress
+            deadline = min(deadline, stress) if deadline else stress
+        return timeout, deadline
+
+    def wait(self, in_data: bool) -> float | None:
+        """How long the next read may wait: the idle timeout or what is left of
+        the deadline, whichever ends first; at most ``stress_timeout`` while not
+        under stress, so that a session notices the listener's SIGUSR1 in time."""
+        timeout, deadline = self._limits()
+        waits = []
+        if timeout:
+            waits.append(timeout)
+        if deadline:
+            end = self.start + deadline
+            rate = self.smtpd.min_data_rate
+            if in_data and rate:
+                end += self.data_bytes / rate
+            waits.append(end - time.monotonic())
+        if not Stress.active and self.smtpd.stress_timeout:
+            waits.append(self.smtpd.stress_timeout)
+        return min(waits) if waits else None
+
+    def expired(self, in_data: bool) -> bool:
+        """Did the read that just timed out hit the idle timeout or the deadline?"""
+        deadline = self._limits()[1]
+        if not deadline:
+            return False
+        end = self.start + deadline
+        if in_data and self.smtpd.min_data_rate:
+            end += self.data_bytes / self.smtpd.min_data_rate
+        return time.monotonic() >= end
+
+
 class Session:
     """One connection: reads, feeds the protocol core, carries out its events."""
 
@@ -262,6 +333,8 @@ class Session:
         self.closed = False
         self.close_reason = "connection lost"
         self.rejections = 0
+        self.deadline = Deadline(config.smtpd)
+        self._last_read = time.monotonic()
         # Called once when the session is over, before its last reply goes out:
         # the warm parent counts only live sessions against the limits.
         self.on_end: Callable[[], None] | None = None
@@ -308,13 +381,36 @@ class Session:
             self.close_reason = "talked before the greeting"
             return
         self.channel.send(self.server.greeting())
+        deadline = self.deadline
+        deadline.restart()
+        self._last_read = time.monotonic()
         while not self.closed:
+            in_data = self.server.state == S.State.DATA
             try:
-                data = self.channel.recv()
+                data = self.channel.recv(deadline.wait(in_data))
             except TimeoutError:
-                self._handle(self.server.timeout())
+                if not self._timed_out(in_data):
+                    continue  # only the stress poll: nothing ran out
                 return
+            self._last_read = time.monotonic()
+            if in_data:
+                deadline.data_bytes += len(data)
             self._handle(self.server.receive_data(data))
+
+    def _timed_out(self, in_data: bool) -> bool:
+        """A read timed out: close if the idle timeout or the deadline ran out."""
+        deadline = self.deadline
+        timeout = deadline._limits()[0]
+        idle = bool(timeout) and time.monotonic() - self._last_read >= timeout - 0.01
+        late = deadline.expired(in_data)
+        if not (idle or late):
+            return False
+        self._handle(self.server.timeout())
+        what = "DATA" if in_data else "command"
+        self.close_reason = f"{what} deadline" if late else "idle timeout"
+        if late:
+            maillog.rejected("timeout", f"[{self.client_ip}]", f"{what} deadline exceeded")
+        return True
 
     def _handle(self, events: list[S.Event]) -> None:
         pending = bytearray()
@@ -323,6 +419,7 @@ class Session:
             if pending:
                 self.channel.send(bytes(pending))
                 pending.clear()
+                self.deadline.restart()  # a reply: the next request starts now
 
         queue = list(events)
         while queue:
@@ -434,6 +531,10 @@ class Session:
             qid = qc.commit()
         except TempFail as exc:
             log.warning("queue refused the message temporarily: %s", exc.text)
+            if exc.text.startswith("4.3.1"):
+                return self.server.message_failed(
+                    R.Reply(452, "4.3.1", "Insufficient system storage")
+                )
             return self.server.message_failed(_policy_reply(exc.text, 451) or R.QUEUE_TEMPFAIL)
         except PermFail as exc:
             log.warning("queue refused the message: %s", exc.text)

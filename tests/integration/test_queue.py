@@ -139,7 +139,7 @@ def test_parallel_submissions_get_unique_ids(instance: Instance, processes: Proc
 
 @pytest.mark.skipif(os.getuid() != 0, reason="mounts a tiny tmpfs")
 def test_disk_full_is_temporary_and_leaves_nothing(tmp_path: Path) -> None:
-    inst = Instance(tmp_path)
+    inst = Instance(tmp_path, queue={"min_free": 0})  # the disk itself fills, not the reserve
     inst.spool.mkdir()
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(inst.spool)], check=True

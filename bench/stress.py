@@ -1,0 +1,149 @@
+"""`make stress` (issue 13): the fault and hostile-input parts, one table.
+
+A script in bench/ rather than pytest: it runs for minutes, is not part of
+`make test`, and prints one table. Its parts are the integration tests of
+each item (run with pytest, each a case with its expected reply) and an
+in-process fuzz of the protocol core (mutations of the real dialogs in
+tests/integration/dialogs/). Bounded: a fixed number of inputs and pytest
+parts that stop by themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mailgrave.smtp import server as S  # noqa: E402
+from tests.unit.test_smtp_server import FakePolicy  # noqa: E402
+
+PARTS = [
+    ("relay battery", "tests/integration/test_relay_battery.py"),
+    ("hostile corpus (core)", "tests/unit/test_smtp_hostile.py"),
+    ("hostile corpus (programs)", "tests/integration/test_hostile.py"),
+    ("slowness and floods", "tests/integration/test_smtpd_slow.py"),
+    ("full disk and reserve", "tests/integration/test_full_disk.py"),
+]
+COLUMNS = ("part", "cases/msgs", "acked", "delivered", "lost", "dups", "wrong", "crashes", "hangs")
+
+
+def seeds() -> list[bytes]:
+    """What the client sends in each dialog file, as one byte string."""
+    out = []
+    for path in sorted((ROOT / "tests/integration/dialogs").glob("*.dialog")):
+        data = b""
+        for line in path.read_text().splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "c:":
+                data += rest.encode() + b"\r\n"
+            elif kind == "c!":
+                data += rest.encode().decode("unicode_escape").encode("latin-1")
+        out.append(data)
+    return out
+
+
+TOKENS = [b"\r\n", b"\n", b"\r", b"\x00", b".", b"\r\n.\r\n", b"<", b">", b"@", b'"', b"\xff"]
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.randrange(5)
+        pos = rng.randrange(len(buf) + 1)
+        if op == 0 and buf:
+            del buf[pos : pos + rng.randint(1, 16)]
+        elif op == 1:
+            buf[pos:pos] = rng.choice(TOKENS)
+        elif op == 2 and buf:
+            buf[min(pos, len(buf) - 1)] = rng.randrange(256)
+        elif op == 3:
+            buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        else:
+            start = rng.randrange(len(buf) + 1)
+            buf[pos:pos] = buf[start : start + rng.randint(1, 64)]
+    return bytes(buf)
+
+
+def feed(data: bytes, rng: random.Random) -> None:
+    """One session over the core, split at random points; raises on a defect."""
+    server = S.Server(FakePolicy(max_message_size=5000, tls_available=True))  # type: ignore[arg-type]
+    pos = 0
+    while pos < len(data):
+        step = rng.randint(1, 300)
+        events = server.receive_data(data[pos : pos + step])
+        pos += step
+        while events:
+            ev = events.pop(0)
+            if isinstance(ev, S.Output):
+                assert ev.data.endswith(b"\r\n") and ev.data[:1] in b"2345", ev.data
+            elif isinstance(ev, S.MessageComplete):
+                events += server.message_queued("Q1")
+            elif isinstance(ev, S.StartTLS):
+                events += server.tls_started()
+    server.receive_data(b"")
+
+
+def fuzz(count: int, seed: int) -> list[object]:
+    rng = random.Random(seed)
+    corpus = seeds()
+    crashes = hangs = 0
+    for _ in range(count):
+        data = mutate(rng, rng.choice(corpus))
+        start = time.monotonic()
+        try:
+            feed(data, rng)
+        except Exception as exc:  # a defect: reported, and shown once
+            if crashes == 0:
+                print(f"fuzz crash on {data!r}: {exc!r}", file=sys.stderr)
+            crashes += 1
+        if time.monotonic() - start > 1.0:
+            hangs += 1
+    return [f"fuzz core ({len(corpus)} seeds)", count, "-", "-", "-", "-", 0, crashes, hangs]
+
+
+def pytest_part(name: str, path: str) -> list[object]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", tail)}
+    cases = sum(counts.values())
+    wrong = counts.get("failed", 0)
+    crashes = counts.get("error", 0)
+    if wrong or crashes:
+        print(proc.stdout[-4000:], file=sys.stderr)
+    return [name, cases, "-", "-", "-", "-", wrong, crashes, 0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--fuzz", type=int, default=1_000_000, help="inputs for the core fuzz")
+    ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--skip-tests", action="store_true", help="the fuzz part only")
+    args = ap.parse_args()
+    rows = []
+    if not args.skip_tests:
+        rows += [pytest_part(name, path) for name, path in PARTS]
+    rows.append(fuzz(args.fuzz, args.seed))
+    widths = [max(len(str(r[i])) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    bad = any(r[6] or r[7] or r[8] for r in rows)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
