@@ -22,6 +22,7 @@ from mailgrave import log as logmod
 from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
 from mailgrave.proc import bind_unix, serve_threads
+from mailgrave.queue import dkimsign
 from mailgrave.sd import listen_fds, peer_uid, stdin_socket
 from mailgrave.spool import GroupSync, Spool, Submission
 
@@ -55,6 +56,7 @@ class Queue:
         (by hand, like qmail-queue).  Raises PermFail/TempFail/EnvelopeError;
         on any failure nothing stays in the spool.
         """
+        signer = self._signer(attrs, uid)
         if attrs and uid not in self.trusted:
             attrs = None
         entry: Submission | None = None
@@ -68,10 +70,16 @@ class Queue:
                 entry.begin(envelope.encode(), self._received(qid, envelope, attrs, uid))
             for chunk in chunks:
                 entry.write(chunk)
+                if signer is not None:
+                    signer.feed(chunk)
+            signature = signer.field() if signer is not None else None
             if envelope is None:
                 assert callable(envelope_source)
                 envelope = decode(envelope_source())
-                entry.prepend(envelope.encode(), self._received(qid, envelope, attrs, uid))
+                first = (signature or b"") + self._received(qid, envelope, attrs, uid)
+                entry.prepend(envelope.encode(), first)
+            elif signature:
+                entry.insert(signature)
             size = entry.size
             entry.commit(self.todo_sync)
             entry = None
@@ -84,6 +92,13 @@ class Queue:
         finally:
             if entry is not None:
                 entry.discard()
+
+    def _signer(self, attrs: dict[str, str] | None, uid: int | None) -> dkimsign.Signer | None:
+        """A DKIM signer when dkim.sign has keys and the origin is trusted (dkimsign)."""
+        keys = self.config.dkim.sign
+        if keys and dkimsign.trusted_origin(self.config, attrs, uid in self.trusted):
+            return dkimsign.Signer(keys)
+        return None
 
     def _received(
         self, qid: str, envelope: Envelope, attrs: dict[str, str] | None, uid: int | None
