@@ -12,6 +12,7 @@ DEBIAN_PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 DEB_PKGS := python3-yaml python3-systemd python3-dnspython python3-idna python3-venv \
 	python3-pytest python3-hypothesis python3-aiosmtpd python3-dnslib python3-argon2 \
 	python3-spf python3-authres python3-dkim python3-publicsuffix2 publicsuffix \
+	python3-nacl python3-cryptography \
 	swaks msmtp fail2ban s-nail mutt dnsmasq-base openssl procps iproute2 passwd \
 	systemd
 RUN_PORT ?= 2525

@@ -392,6 +392,36 @@ class Checks(Record):
     dmarc: str = _opt(_choice("off", "record", "enforce"), "record")
 
 
+def _dkim_key(value: object) -> tuple[str, str, str]:
+    """One dkim.sign entry: {selector, key, algorithm} as (selector, key path, algorithm)."""
+    import re
+
+    if not isinstance(value, dict):
+        raise _Bad(f"expected a mapping with selector, key and algorithm, got {_quote(value)}")
+    unknown = sorted(str(k) for k in value if k not in ("selector", "key", "algorithm"))
+    if unknown:
+        raise _Bad(f"{unknown[0]}: unknown key")
+    if "selector" not in value or "key" not in value:
+        raise _Bad("selector and key are required")
+    selector = _nonempty_str(value["selector"])
+    # RFC 6376 §3.1: a selector is one or more DNS labels.
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    if not re.fullmatch(rf"{label}(?:\.{label})*", selector):
+        raise _Bad(f"selector: expected DNS labels, got {_quote(selector)}")
+    key = _nonempty_str(value["key"])
+    if not key.startswith("/"):
+        raise _Bad(f"key: expected an absolute path, got {_quote(key)}")
+    algorithm = _choice("rsa-sha256", "ed25519-sha256")(value.get("algorithm", "rsa-sha256"))
+    return (selector.lower(), key, algorithm)
+
+
+@record
+class Dkim(Record):
+    # From: domain -> (selector, private key file, algorithm): mail from trusted
+    # origins (local, authenticated, relay_networks) is signed by mailgrave-queue.
+    sign: Mapping[str, tuple[str, str, str]] = _opt(_mapping(_dkim_key, _domain), _FrozenDict())
+
+
 @record
 class Config(Record):
     path: str = ""
@@ -407,6 +437,7 @@ class Config(Record):
     remote: Remote = _section(Remote)
     checks: Checks = _section(Checks)
     auth: Auth = _section(Auth)
+    dkim: Dkim = _section(Dkim)
 
     def is_local_domain(self, domain: str) -> bool:
         """local_domains, the hostname, localhost, and every domain of a virtual mailbox."""

@@ -201,6 +201,13 @@ class GroupSync:
                 raise self._error
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class Submission:
     """One new entry being written into ``tmp/QID``: the header (when the envelope
     is known first), then the message with LF line ends, at most ``limit`` bytes.
@@ -261,6 +268,25 @@ class Submission:
         finally:
             os.close(old)
             os.unlink(staging)
+
+    def insert(self, data: bytes) -> None:
+        """Put ``data`` (header fields, LF line ends) at the top of the message, before
+        the Received: line: the file's message part is moved down in place, 1 MiB at a
+        time from its end, so memory stays flat whatever the message's size."""
+        self._flush_cr()
+        if not data:
+            return
+        end = self.start + self.size
+        pos = end
+        while pos > self.start:
+            n = min(1 << 20, pos - self.start)
+            pos -= n
+            _pwrite_all(self.fd, os.pread(self.fd, n, pos), pos + len(data))
+        _pwrite_all(self.fd, data, self.start)
+        os.lseek(self.fd, 0, os.SEEK_END)
+        self.size += len(data)
+        if self.size > self.limit:
+            raise PermFail("5.3.4 message too big")
 
     def _flush_cr(self) -> None:
         if self._cr:

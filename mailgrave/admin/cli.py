@@ -9,6 +9,7 @@ import sys
 import time
 
 from mailgrave import config as configmod
+from mailgrave import dkimkey
 from mailgrave import log as logmod
 from mailgrave import users as usersmod
 from mailgrave.admin.supervisor import AlreadyRunning, Supervisor
@@ -61,6 +62,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     psl = "/usr/share/publicsuffix/public_suffix_list.dat"  # mailgrave.queue.authcheck's
     if config.checks.dmarc != "off" and not os.access(psl, os.R_OK):
         problems.append(f"{path}: checks.dmarc: {config.checks.dmarc} needs {psl} (publicsuffix)")
+    problems += _check_dkim(config, path)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
@@ -103,6 +105,149 @@ def _check_auth(config: configmod.Config, path: str) -> list[str]:
         if (rate.messages or rate.recipients) and not os.path.isdir(rate.directory):
             problems.append(f"{path}: auth.rate_limit.directory: no directory {rate.directory}")
     return problems
+
+
+QUEUE_USER = "mailgrave-queue"  # signs (mailgrave/queue/dkimsign.py): only it may read the keys
+
+
+def _check_dkim(config: configmod.Config, path: str) -> list[str]:
+    """Each dkim.sign key: readable, a key of its algorithm, readable by the queue alone."""
+    import grp
+    import pwd
+    import stat
+
+    problems = []
+    for domain, (_selector, key, algorithm) in sorted(config.dkim.sign.items()):
+        where = f"{path}: dkim.sign.{domain}.key"
+        try:
+            dkimkey.check_key(key, algorithm)
+            st = os.stat(key)
+        except dkimkey.DkimKeyError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        except OSError as exc:
+            problems.append(f"{where}: cannot read {key}: {exc.strerror}")
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o007:
+            problems.append(
+                f"{where}: {key} must not be readable by others "
+                f"(mode {mode:04o}; want 0640 root:{QUEUE_USER})"
+            )
+        try:
+            queue_uid = pwd.getpwnam(QUEUE_USER).pw_uid
+        except KeyError:
+            continue  # not installed (a development checkout): the queue runs as you
+        try:
+            queue_gid: int | None = grp.getgrnam(QUEUE_USER).gr_gid
+        except KeyError:
+            queue_gid = None
+        by_owner = st.st_uid == queue_uid and mode & 0o400
+        by_group = st.st_gid == queue_gid and mode & 0o040
+        if not (by_owner or by_group):
+            problems.append(
+                f"{where}: {QUEUE_USER} cannot read {key} (want 0640 root:{QUEUE_USER})"
+            )
+        elif mode & 0o040 and st.st_gid != queue_gid:
+            problems.append(f"{where}: group of {key} may read it (want 0640 root:{QUEUE_USER})")
+    return problems
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new signing key; print its DNS TXT record and the dkim.sign lines."""
+    import base64
+    import re
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    from mailgrave.address import AddressError, to_ascii_domain
+
+    try:
+        domain = to_ascii_domain(args.domain)
+    except AddressError as exc:
+        print(f"mailgrave: {exc}: {args.domain!r}", file=sys.stderr)
+        return EXIT_USAGE
+    selector = args.selector.lower()
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", selector):
+        print(f"mailgrave: selector must be a DNS label: {args.selector!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.algorithm == "rsa-sha256":
+        if not 1024 <= args.bits <= 8192:
+            print("mailgrave: --bits: 1024 to 8192 (2048 recommended)", file=sys.stderr)
+            return EXIT_USAGE
+        rkey = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
+        pem = rkey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        public = rkey.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        ktag = "rsa"
+    else:
+        ekey = ed25519.Ed25519PrivateKey.generate()
+        pem = ekey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        public = ekey.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        ktag = "ed25519"
+    path = os.path.join(args.dir, f"{domain}.{selector}.key")
+    try:
+        _write_key(path, pem)
+    except FileExistsError:
+        print(f"mailgrave: {path} exists: choose another selector", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mailgrave: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    record = f"v=DKIM1; k={ktag}; p={base64.b64encode(public).decode()}"
+    strings = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+    print(f"mailgrave: wrote {path}", file=sys.stderr)
+    print(f"{selector}._domainkey.{domain}. IN TXT {strings}")
+    print()
+    print("# mailgrave.yaml:")
+    print("dkim:")
+    print("  sign:")
+    print(f"    {domain}:")
+    print(f"      selector: {selector}")
+    print(f"      key: {path}")
+    print(f"      algorithm: {args.algorithm}")
+    return EXIT_OK
+
+
+def _write_key(path: str, pem: bytes) -> None:
+    """``path`` created new, 0640 root:mailgrave-queue as root (0600 otherwise), durably."""
+    import grp
+
+    from mailgrave.fileio import fsync_dir
+
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if os.getuid() == 0:
+            try:
+                os.fchown(fd, 0, grp.getgrnam(QUEUE_USER).gr_gid)
+                os.fchmod(fd, 0o640)
+            except KeyError:
+                pass  # no mailgrave-queue group: root alone may read it
+        os.write(fd, pem)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.link(tmp, path)  # never over an existing key
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
+    fsync_dir(directory)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -344,7 +489,19 @@ def main(argv: list[str] | None = None) -> int:
         if action != "del":
             p.add_argument("--stdin", action="store_true", help="read the password from stdin")
     usub.add_parser("list", help="list the users")
-    for p in (check, run, queue, user):
+    dkim = sub.add_parser("dkim", help="DKIM signing keys")
+    dsub = dkim.add_subparsers(dest="action", metavar="ACTION", required=True)
+    keygen = dsub.add_parser("keygen", help="write a signing key; print its DNS TXT record")
+    keygen.add_argument("domain", metavar="DOMAIN")
+    keygen.add_argument("--selector", required=True, metavar="S")
+    keygen.add_argument(
+        "--algorithm", choices=dkimkey.ALGORITHMS, default="rsa-sha256", help="default rsa-sha256"
+    )
+    keygen.add_argument("--bits", type=int, default=2048, metavar="N", help="RSA (default 2048)")
+    keygen.add_argument(
+        "--dir", default="/etc/mailgrave/dkim", help="where (default /etc/mailgrave/dkim)"
+    )
+    for p in (check, run, queue, user, dkim):
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command is None:
@@ -352,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "check":
         return cmd_check(args)
+    if args.command == "dkim":
+        return cmd_dkim_keygen(args)
     config = configmod.load_or_exit(args.config, "mailgrave")
     if args.command == "run":
         return cmd_run(args)

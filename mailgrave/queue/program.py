@@ -22,6 +22,7 @@ from mailgrave import log as logmod
 from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
 from mailgrave.proc import bind_unix, serve_threads
+from mailgrave.queue import dkimsign
 from mailgrave.queue.authcheck import Checker
 from mailgrave.queue.inbound import Inbound
 from mailgrave.sd import listen_fds, peer_uid, stdin_socket
@@ -58,6 +59,7 @@ class Queue:
         (by hand, like qmail-queue).  Raises PermFail/TempFail/EnvelopeError;
         on any failure nothing stays in the spool.
         """
+        signer = self._signer(attrs, uid)
         if attrs and uid not in self.trusted:
             attrs = None
         self._check_room(envelope_source)
@@ -77,17 +79,29 @@ class Queue:
             # Every client's message loses fields claiming our authserv-id (RFC 8601 §5).
             inbound = self.checker.inbound() if check else Inbound(self.config.hostname)
             for chunk in chunks:
-                entry.write(inbound.feed(chunk))
-            entry.write(inbound.end())
+                data = inbound.feed(chunk)
+                entry.write(data)
+                if signer is not None:
+                    signer.feed(data)
+            tail = inbound.end()
+            entry.write(tail)
+            if signer is not None:
+                signer.feed(tail)
             if inbound.removed:
                 log.info("%s: removed %d forged Authentication-Results:", qid, inbound.removed)
+            signature = signer.field() if signer is not None else None
             if check and envelope is not None and attrs is not None:
                 attrs = self._checked(qid, inbound, attrs)
-                entry.prepend(envelope.encode(), self._received(qid, envelope, attrs, uid))
+                first = (signature or b"") + self._received(qid, envelope, attrs, uid)
+                entry.prepend(envelope.encode(), first)
+                signature = None  # written above
             if envelope is None:
                 assert callable(envelope_source)
                 envelope = decode(envelope_source())
-                entry.prepend(envelope.encode(), self._received(qid, envelope, attrs, uid))
+                first = (signature or b"") + self._received(qid, envelope, attrs, uid)
+                entry.prepend(envelope.encode(), first)
+            elif signature:
+                entry.insert(signature)
             size = entry.size
             entry.commit(self.todo_sync)
             entry = None
@@ -125,6 +139,13 @@ class Queue:
         if free < reserve:
             log.warning("spool has %d bytes free, below queue.min_free: mail refused", free)
             raise TempFail("4.3.1 insufficient system storage")
+
+    def _signer(self, attrs: dict[str, str] | None, uid: int | None) -> dkimsign.Signer | None:
+        """A DKIM signer when dkim.sign has keys and the origin is trusted (dkimsign)."""
+        keys = self.config.dkim.sign
+        if keys and dkimsign.trusted_origin(self.config, attrs, uid in self.trusted):
+            return dkimsign.Signer(keys)
+        return None
 
     def _received(
         self, qid: str, envelope: Envelope, attrs: dict[str, str] | None, uid: int | None
