@@ -359,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if action != "del":
             p.add_argument("--stdin", action="store_true", help="read the password from stdin")
     usub.add_parser("list", help="list the users")
-    for p in (check, run, queue, user):
+    # --config before or after any sub-command (mailgrave queue hold --config F ID).
+    for p in (check, run, queue, user, *qsub.choices.values(), *usub.choices.values()):
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command is None:

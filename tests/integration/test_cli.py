@@ -269,3 +269,31 @@ def test_check_without_the_default_file_checks_the_defaults_as_every_program_use
     err = res.stderr.decode()
     assert "/etc/mailgrave/mailgrave.yaml: no such file: every program uses the defaults" in err
     assert "cannot read" not in err
+
+
+def test_config_before_or_after_every_sub_command(tmp_path: Path, processes: Processes) -> None:
+    inst = Instance(tmp_path, auth={"users_file": str(tmp_path / "users")})
+    [qid] = _queue_three(inst, processes)[:1]
+    cfg = str(inst.config_path)
+
+    def mg(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([program("mailgrave"), *args], capture_output=True, input=data)
+
+    for args in (
+        ["--config", cfg, "queue"],
+        ["queue", "--config", cfg],
+        ["queue", "list", "--config", cfg],
+    ):
+        res = mg(*args)
+        assert res.returncode == 0 and qid in res.stdout.decode(), (args, res.stderr)
+    assert mg("queue", "show", "--config", cfg, qid).returncode == 0
+    assert mg("queue", "hold", "--config", cfg, qid).returncode == 0
+    assert "(held)" in mg("queue", "show", qid, "--config", cfg).stdout.decode()
+    assert mg("queue", "release", qid, "--config", cfg).returncode == 0
+    assert "(held)" not in mg("--config", cfg, "queue", "show", qid).stdout.decode()
+    assert mg("check", "--config", cfg).returncode == 0
+    assert mg("--config", cfg, "check").returncode == 0
+    res = mg("user", "add", "--config", cfg, "alice", "--stdin", data=b"a long secret\n")
+    assert res.returncode == 0, res.stderr
+    assert mg("user", "list", "--config", cfg).stdout == b"alice\n"
+    assert mg("user", "del", "alice", "--config", cfg).returncode == 0
