@@ -31,8 +31,8 @@ define apt_ensure
 	fi
 endef
 
-.PHONY: all deps venv run test lint unit integration check-config clean bench smtp-source \
-	pkg-deps deb system-test stress
+.PHONY: all deps venv lint-tools run test lint unit integration check-config clean bench \
+	smtp-source pkg-deps deb system-test stress
 
 all: venv
 
@@ -44,7 +44,7 @@ $(VENV)/.deps-stamp: Makefile
 venv: $(VENV)/.venv-stamp
 $(VENV)/.venv-stamp: pyproject.toml packaging/bin/mailgrave-smtpd.in $(VENV)/.deps-stamp
 	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e . ruff mypy import-linter
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e .
 	# As the .deb does: mailgrave-smtpd (started per connection) through the
 	# python -S launcher (-S only: the bench's --source still uses PYTHONPATH).
 	sed -e 's|@PYTHON@|$(CURDIR)/$(BIN)/python|' -e 's|@FLAGS@|-S|' -e 's|@PKGDIR@|$(CURDIR)|' \
@@ -55,7 +55,13 @@ $(VENV)/.venv-stamp: pyproject.toml packaging/bin/mailgrave-smtpd.in $(VENV)/.de
 run: venv
 	$(BIN)/python -m mailgrave.admin.devrun --port $(RUN_PORT)
 
-lint: venv
+# The lint tools: only for `make lint` and `make test`, never for `make run`.
+lint-tools: $(VENV)/.lint-stamp
+$(VENV)/.lint-stamp: $(VENV)/.venv-stamp
+	$(BIN)/python -m pip install -q --disable-pip-version-check ruff mypy import-linter
+	@touch $@
+
+lint: venv lint-tools
 	$(BIN)/ruff check $(LINT_DIRS)
 	$(BIN)/ruff format --check $(LINT_DIRS)
 	$(BIN)/mypy

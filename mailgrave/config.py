@@ -51,7 +51,7 @@ class ConfigError(Exception):
 
 
 class _Bad(ValueError):
-    pass
+    problems: list[str]  # when one value has several (a mapping's bad entries)
 
 
 def _quote(value: object) -> str:
@@ -157,11 +157,16 @@ def _mapping(
         if not isinstance(value, dict):
             raise _Bad(f"expected a mapping, got {_quote(value)}")
         out = {}
+        bad = []
         for k, v in value.items():
             try:
                 out[key(k) if key else _str(k).lower()] = item(v)
             except _Bad as exc:
-                raise _Bad(f"{k}: {exc}") from None
+                bad.append(f"{k}: {exc}")
+        if bad:  # every bad entry, not only the first
+            error = _Bad(bad[0])
+            error.problems = bad
+            raise error
         return _FrozenDict(out)
 
     return convert
@@ -203,9 +208,39 @@ def _hostport(value: object) -> str:
     import re
 
     text = _nonempty_str(value)
-    if not re.fullmatch(r"(\[[^\]]+\]|[^\s:\[\]]+)(:\d{1,5})?", text):
+    m = re.fullmatch(r"(\[([^\]]+)\]|[^\s:\[\]]+)(?::(\d{1,5}))?", text)
+    if not m:
         raise _Bad(f"expected host, [host], host:port or [host]:port, got {_quote(value)}")
+    if m.group(3) is not None and not 0 < int(m.group(3)) <= 65535:
+        raise _Bad(f"port {m.group(3)} is not 1-65535: {_quote(value)}")
+    inside = m.group(2)
+    if inside is not None and not (_is_ip(inside) or _is_host_name(inside)):
+        raise _Bad(f"[{inside}] is neither an IP address nor a host name: {_quote(value)}")
     return text
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host_name(text: str) -> bool:
+    """Letters, digits and hyphens in dot-separated labels (RFC 1123), or an IDN."""
+    import re
+
+    try:
+        ascii_name = text.rstrip(".").encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    return (
+        len(ascii_name) <= 253 and re.fullmatch(rf"{label}(?:\.{label})*", ascii_name) is not None
+    )
 
 
 def _ip(value: object) -> str:
@@ -523,7 +558,7 @@ def _build(cls: type[Any], data: object, where: str, path: str, problems: list[s
         keypath = f"{where}.{name}" if where else name
         f = fields.get(name)
         if f is None:
-            problems.append(f"{path}: {keypath}: unknown key")
+            problems.append(f"{path}: {keypath}: unknown key{_did_you_mean(name, fields)}")
             continue
         if f.section is not None:
             settings[name] = _build(f.section, value, keypath, path, problems)
@@ -532,10 +567,55 @@ def _build(cls: type[Any], data: object, where: str, path: str, problems: list[s
         try:
             converted = f.convert(value)
         except _Bad as exc:
-            problems.append(f"{path}: {keypath}: {exc}")
+            for text in getattr(exc, "problems", [str(exc)]):
+                problems.append(f"{path}: {keypath}: {text}")
+            continue
+        except (TypeError, ValueError, AttributeError):  # a converter surprised by a type
+            problems.append(f"{path}: {keypath}: unexpected value {_quote(value)}")
             continue
         settings[name] = dict(converted) if isinstance(converted, dict) else converted
     return settings
+
+
+def _did_you_mean(name: str, known: Mapping[str, Any]) -> str:
+    import difflib  # only for a mistyped key
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+_loader: type[Any] | None = None
+
+
+def _unique_key_loader() -> type[Any]:
+    """A ``yaml.SafeLoader`` that notes every key given twice in one mapping in
+    ``duplicates`` (YAML itself would keep the last one silently)."""
+    global _loader
+    if _loader is None:
+        import yaml
+
+        class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+            duplicates: list[str]
+
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                if isinstance(node, yaml.MappingNode):
+                    seen: dict[str, int] = {}
+                    for key_node, _value in node.value:
+                        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(
+                            ":merge"
+                        ):
+                            continue
+                        line = key_node.start_mark.line + 1
+                        if key_node.value in seen:
+                            self.duplicates.append(
+                                f"{key_node.value}: given twice (line {seen[key_node.value]}"
+                                f" and line {line}); YAML would keep only the last"
+                            )
+                        seen.setdefault(key_node.value, line)
+                return super().construct_mapping(node, deep)
+
+        _loader = UniqueKeyLoader
+    return _loader
 
 
 def _make(cls: type[Any], settings: dict[str, Any]) -> Any:
@@ -554,19 +634,45 @@ def _make(cls: type[Any], settings: dict[str, Any]) -> Any:
 
 
 def _parse(text: str, path: str) -> dict[str, Any]:
+    settings, problems = _parse_all(text, path)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _parse_all(text: str, path: str) -> tuple[dict[str, Any], list[str]]:
+    """The settings that are valid, and every problem (none hides another)."""
     import yaml
 
+    loader = _unique_key_loader()(text)
+    loader.duplicates = []
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError([f"{path}: not valid YAML{line}"]) from None
-    problems: list[str] = []
+    finally:
+        loader.dispose()
+    problems: list[str] = [f"{path}: {d}" for d in loader.duplicates]
     settings: dict[str, Any] = _build(Config, data, "", path, problems)
-    if problems:
-        raise ConfigError(problems)
-    return settings
+    return settings, problems
+
+
+def check_file(path: str) -> tuple[Config, list[str]]:
+    """For ``mailgrave check``: the file's configuration (its valid settings over the
+    defaults) and every problem in it. Raises :class:`ConfigError` only when
+    there is nothing to check (unreadable, not YAML)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: cannot read: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError([f"{path}: cannot read: {reason.lower()}"]) from None
+    settings, problems = _parse_all(text, path)
+    return _finish(settings, path), problems
 
 
 def _finish(settings: dict[str, Any], path: str) -> Config:

@@ -22,16 +22,19 @@ EXIT_USAGE = 64
 def cmd_check(args: argparse.Namespace) -> int:
     """Report every problem in the configuration; exit non-zero when there is one."""
     path = args.config or configmod.DEFAULT_PATH
-    try:
-        # The file itself, never the compiled cache; then the caches are renewed.
-        config = configmod.load(path, cache=False)
-        if os.path.exists(path):
-            configmod.refresh_caches(path)
-    except configmod.ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
-    problems = []
+    if args.config is None and not os.path.exists(path):
+        # As every program does (mailgrave.yaml(5)): no default file, all defaults.
+        print(f"{path}: no such file: every program uses the defaults", file=sys.stderr)
+        config, problems = configmod.load(None, cache=False), list[str]()
+    else:
+        try:
+            # The file itself, never the compiled cache.
+            config, problems = configmod.check_file(path)
+        except configmod.ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1
+    problems += _check_files(config, path)
     if not config.hostname or "." not in config.hostname:
         problems.append(f"{path}: hostname: {config.hostname!r} is not a fully qualified name")
     tls = config.smtpd.tls
@@ -67,8 +70,40 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
     if problems:
         return 1
+    if os.path.exists(path):
+        configmod.refresh_caches(path)  # only a file without problems is cached
     print(f"{path}: ok (hostname {config.hostname}, spool {config.spool})")
     return EXIT_OK
+
+
+def _check_files(config: configmod.Config, path: str) -> list[str]:
+    """The files that remote and smtpd open only when they need them: missing
+    there means a deferral or a dropped handshake; here it is a line each."""
+    problems = []
+    for key, value in (
+        ("remote.ca_file", config.remote.ca_file),
+        ("remote.smarthost.password_file", config.remote.smarthost.password_file),
+    ):
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"{path}: {key}: cannot read {value}")
+    tls = config.smtpd.tls
+    if (
+        tls.certificate
+        and tls.key
+        and all(os.access(p, os.R_OK) for p in (tls.certificate, tls.key))
+    ):
+        import ssl  # only to check the pair, as smtpd will load it
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.certificate, tls.key)
+        except ssl.SSLError as exc:
+            reason = (exc.reason or str(exc)).replace("_", " ").lower()
+            problems.append(
+                f"{path}: smtpd.tls: {tls.certificate} and {tls.key} do not load: {reason}"
+            )
+        except OSError as exc:
+            problems.append(f"{path}: smtpd.tls: cannot load {tls.certificate}: {exc.strerror}")
+    return problems
 
 
 SMTPD_GROUP = "mailgrave-smtpd"  # the users file's group: only smtpd may read it
@@ -501,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument(
         "--dir", default="/etc/mailgrave/dkim", help="where (default /etc/mailgrave/dkim)"
     )
-    for p in (check, run, queue, user, dkim):
+    # --config before or after any sub-command (mailgrave queue hold --config F ID).
+    subs = (*qsub.choices.values(), *usub.choices.values(), *dsub.choices.values())
+    for p in (check, run, queue, user, dkim, *subs):
         p.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.command is None:

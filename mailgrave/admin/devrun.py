@@ -47,6 +47,19 @@ exec {bin}/mailgrave-inject --config {config} "$@"
 """
 
 
+ADMIN_WRAPPER = """\
+#!/bin/sh
+# mailgrave (queue, check, user) for the development instance started by `make run`.
+exec {bin}/mailgrave --config {config} "$@"
+"""
+
+
+def _write_admin_wrapper(bindir: Path, config: Path) -> None:
+    wrapper = bindir / "mailgrave"
+    wrapper.write_text(ADMIN_WRAPPER.format(bin=Path(sys.executable).parent, config=config))
+    wrapper.chmod(0o755)
+
+
 def _reachable_by(user: str, path: Path) -> bool:
     pw = pwd.getpwnam(user)
     for p in [path, *path.parents]:
@@ -77,6 +90,7 @@ def prepare(run: Path) -> Path:
             text = text.replace('"$@"', '-bp "$@"')
         wrapper.write_text(text)
         wrapper.chmod(0o755)
+    _write_admin_wrapper(bindir, config)
     mail = run / "mail"
     if os.getuid() == 0 and not mail.is_symlink() and not mail.exists():
         # Delivery never runs as root: mailboxes belong to `nobody`, and must be
@@ -108,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"          over SMTP:       swaks --server 127.0.0.1:{args.port} --to alice@example.org")
     print(f"          mail lands in:   {run}/mail/alice/Maildir/new/")
+    print(f"          the queue:       {run}/bin/mailq, or {run}/bin/mailgrave queue")
     sys.stdout.flush()
     return cli.main(["--config", str(config), "run", "--listen", f"127.0.0.1:{args.port}"])
 

@@ -20,6 +20,7 @@ import select
 import socket
 import stat
 import sys
+import traceback
 
 from mailgrave import config as configmod
 from mailgrave import ctrl, maillog
@@ -57,6 +58,21 @@ def _prefix(sender: str, rcpt: str) -> bytes:
     return f"Return-Path: <{sender}>\nDelivered-To: {rcpt}\n".encode("utf-8", "surrogateescape")
 
 
+class SwitchFailed(TempFail):
+    """This process cannot become another user at all (a unit or container that took
+    CAP_SETUID/CAP_SETGID away): no retry helps until the administrator fixes it."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__(
+            f"4.3.0 mailgrave-local cannot switch to user {user}: configuration problem,"
+            " see docs/security.md"
+        )
+
+
+# The answer to every recipient once the start-up probe found we cannot switch.
+MISCONFIGURED = Result(TEMPORARY, "4.3.0", "local delivery misconfigured: cannot switch users")
+
+
 def _become(user: str, extra_groups: tuple[int, ...] = ()) -> pwd.struct_passwd:
     """Switch to ``user`` for good (as root), or check we already are them."""
     try:
@@ -66,9 +82,12 @@ def _become(user: str, extra_groups: tuple[int, ...] = ()) -> pwd.struct_passwd:
     if os.getuid() == 0:
         if pw.pw_uid == 0:
             raise PermFail("5.7.0 refusing to deliver as root")
-        os.setgroups(sorted({*os.getgrouplist(pw.pw_name, pw.pw_gid), *extra_groups}))
-        os.setgid(pw.pw_gid)
-        os.setuid(pw.pw_uid)
+        try:
+            os.setgroups(sorted({*os.getgrouplist(pw.pw_name, pw.pw_gid), *extra_groups}))
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+        except PermissionError:
+            raise SwitchFailed(user) from None
     else:
         # A developer's `mailgrave run`: everything runs as that user.
         pw = pwd.getpwuid(os.getuid())
@@ -280,6 +299,26 @@ class _UserChild:
             pass
 
 
+def _where(exc: BaseException) -> str:
+    """``TypeError at mailgrave/local/mailbox.py:88``: the type and the last frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    path = last.filename
+    top = path.rfind("/mailgrave/")
+    return f"{type(exc).__name__} at {path[top + 1 :] if top >= 0 else path}:{last.lineno}"
+
+
+def _log_unexpected(exc: BaseException, what: str) -> None:
+    """One error line for a bug (never the exception text: it may quote mail); the
+    whole traceback only with --debug."""
+    log.error("%s: %s", what, _where(exc))
+    if log.isEnabledFor(logmod.DEBUG):
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        log.debug("%s", text.rstrip("\n"))
+
+
 def _child_loop(config: Config, sock: socket.socket) -> None:
     """In a user child: answer requests until the parent closes the socketpair."""
     while True:
@@ -303,8 +342,8 @@ def _child_loop(config: Config, sock: socket.socket) -> None:
                 text, limit = Result.of(OK, line).line(), 2000
         except DeliveryError as exc:
             text, limit = exc.result().line(), 2000
-        except Exception:
-            log.exception("%s: delivery to %s failed unexpectedly", qid, rcpt)
+        except Exception as exc:
+            _log_unexpected(exc, f"{qid}: delivery to {rcpt} failed unexpectedly")
             text = Result(TEMPORARY, "4.3.0", "internal error in local delivery").line()
             limit = 2000
         finally:
@@ -408,18 +447,63 @@ def _serve_requests(config: Config, sock: socket.socket) -> None:
                 os.close(req.fd)
 
 
+def can_switch(config: Config) -> bool:
+    """As root: can a child of ours become ``local.default_user``? Tried once at
+    start, in a forked child, so that a unit or container without CAP_SETUID is
+    reported once as what it is, not once per message per retry."""
+    if os.getuid() != 0:
+        return True
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _become(config.local.default_user)
+        except SwitchFailed:
+            code = 2
+        except BaseException:
+            code = 0  # another problem (no such user): each delivery reports its own
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 2:
+        return True
+    log.log(
+        logmod.CRITICAL,
+        "cannot switch to user %s (setuid/setgid not permitted): every local delivery is"
+        " deferred until this is fixed, see docs/security.md",
+        config.local.default_user,
+        extra={"fields": {"MAILGRAVE_EVENT": "config-error"}},
+    )
+    return False
+
+
+def serve_misconfigured(sock: socket.socket) -> None:
+    """Answer every request at once with :data:`MISCONFIGURED`, logging nothing."""
+    while True:
+        req = ctrl.recv_request(sock)
+        if req is None:
+            return
+        if req.fd >= 0:
+            os.close(req.fd)
+        sock.sendall(ctrl.results_text([MISCONFIGURED] * len(req.recipients)))
+
+
+def _handle_connection(config: Config, conn: socket.socket, switching: bool) -> None:
+    try:
+        if switching:
+            serve_connection(config, conn)
+        else:
+            serve_misconfigured(conn)
+    except (BrokenPipeError, ConnectionResetError):
+        log.info("mailgrave-send went away before reading every result")
+    except Exception as exc:
+        _log_unexpected(exc, "local.ctrl connection failed")
+
+
 def serve(config: Config, listeners: list[socket.socket], idle_exit: float) -> int:
     """Warm parent: accept, fork a worker per connection, reap, exit when idle."""
-
-    def worker(conn: socket.socket) -> None:
-        try:
-            serve_connection(config, conn)
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("mailgrave-send went away before reading every result")
-        except Exception:
-            log.exception("local.ctrl connection failed")
-
-    serve_forks(listeners, worker, idle_exit)
+    switching = can_switch(config)
+    serve_forks(listeners, lambda conn: _handle_connection(config, conn, switching), idle_exit)
     return EXIT_OK
 
 
@@ -463,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)  # the connection stays only in ``conn``, kept from delivery children
         os.close(null)
-        serve_connection(config, conn)
+        _handle_connection(config, conn, can_switch(config))
         return EXIT_OK
     parser.error("name recipients, or run under systemd with local.ctrl")
     return EXIT_TEMP

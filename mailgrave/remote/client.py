@@ -175,7 +175,8 @@ class Client:
             self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
         except (OSError, ValueError) as exc:
             self.broken = True
-            reason = getattr(exc, "reason", None) or getattr(exc, "verify_message", None) or exc
+            # verify_message says which check failed ("IP address mismatch, ...").
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
             raise SMTPError(f"TLS with {self.name} failed: {reason}", "STARTTLS", False) from None
         self._buf = b""
         self.tls = True

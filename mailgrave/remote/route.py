@@ -163,6 +163,9 @@ def hops(
         host, port, bracketed = split_spec(spec, config.remote.port)
     else:
         host, port, bracketed = domain, config.remote.port, False
+    if not 0 < port <= 65535:
+        # A route given by hand (--host, --relay --port): the config refuses these.
+        raise TempFail(f"4.3.5 route {spec or host}: port {port} is not 1-65535")
     try:
         literal = str(ipaddress.ip_address(host))
     except ValueError:

@@ -460,7 +460,7 @@ class Session:
         try:
             self.channel.start_tls(tls.certificate, tls.key)
         except OSError as exc:
-            log.info("TLS handshake with [%s] failed: %s", self.client_ip, type(exc).__name__)
+            log.info("TLS handshake with [%s] failed: %s", self.client_ip, _tls_reason(exc))
             self.closed = True
             raise
         log.info("TLS with [%s]: %s", self.client_ip, self.channel.tls_info())
@@ -586,3 +586,12 @@ def serve_connection(
     session = Session(config, channel, client_ip or _client_ip(sock), mode)
     session.on_end = on_end
     session.run()
+
+
+def _tls_reason(exc: OSError) -> str:
+    """What went wrong in a handshake, as OpenSSL says it ("wrong version number",
+    "certificate verify failed: ..."); the exception's type when it says nothing."""
+    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+    if not reason:
+        return type(exc).__name__
+    return str(reason).replace("_", " ").lower()

@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Instance, Processes, program
 from tests.integration.test_queue import start_queue
 
@@ -184,3 +186,114 @@ def test_second_mailgrave_run_refuses_and_leaves_the_first_alone(
     assert "not starting a second one" in line
     # the first still takes mail
     assert instance.sendmail("alice@example.org", data=b"Subject: x\n\ny\n").returncode == 0
+
+
+def _selfsigned(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    req = "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=mx.example.org".split()
+    subprocess.run(
+        [*req, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_check_reports_what_would_fail_at_delivery_all_in_one_run(tmp_path: Path) -> None:
+    cert, _key = _selfsigned(tmp_path, "one")
+    _cert, other_key = _selfsigned(tmp_path, "two")
+    cfg = tmp_path / "mailgrave.yaml"
+    cfg.write_text(
+        f"""hostname: mx.example.org
+spool: {tmp_path}/spool
+queue: {{retry: 5}}
+smtpd:
+  max_recipent: 5
+  tls: {{certificate: {cert}, key: {other_key}}}
+local:
+  forward: true
+  forward: false
+remote:
+  ca_file: {tmp_path}/no-ca.pem
+  routes:
+    a.example: "[127.0.0.1]:99999"
+    b.example: "[not an ip!]"
+    c.example: "[192.0.2.1]:2525"
+  smarthost: {{password_file: {tmp_path}/no-password}}
+  dns: {{nameservers: [127.0.0.1]}}
+"""
+    )
+    res = subprocess.run([program("mailgrave"), "check", "--config", str(cfg)], capture_output=True)
+    assert res.returncode == 1
+    lines = res.stderr.decode().splitlines()
+    want = [
+        f"{cfg}: forward: given twice (line 8 and line 9); YAML would keep only the last",
+        f"{cfg}: queue.retry: expected a list, got 5",  # a type error hides nothing after it
+        f"{cfg}: smtpd.max_recipent: unknown key (did you mean max_recipients?)",
+        f'{cfg}: remote.routes: a.example: port 99999 is not 1-65535: "[127.0.0.1]:99999"',
+        f"{cfg}: remote.routes: b.example: [not an ip!] is neither an IP address nor a host"
+        ' name: "[not an ip!]"',
+        f"{cfg}: remote.ca_file: cannot read {tmp_path}/no-ca.pem",
+        f"{cfg}: remote.smarthost.password_file: cannot read {tmp_path}/no-password",
+        f"{cfg}: smtpd.tls: {cert} and {other_key} do not load: key values mismatch",
+    ]
+    assert sorted(lines) == sorted(want), lines
+    # A certificate with its own key is fine.
+    cfg.write_text(
+        f"hostname: mx.example.org\nspool: {tmp_path}/spool\nsmtpd:\n"
+        f"  tls: {{certificate: {cert}, key: {tmp_path}/one.key}}\n"
+    )
+    res = subprocess.run([program("mailgrave"), "check", "--config", str(cfg)], capture_output=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_route_port_out_of_range_given_by_hand_is_a_clear_deferral(tmp_path: Path) -> None:
+    inst = Instance(tmp_path)
+    res = inst.run(
+        "mailgrave-remote",
+        "--host",
+        "[127.0.0.1]:99999",
+        "x@example.net",
+        input=b"Subject: x\n\nx\n",
+    )
+    assert res.returncode == 111
+    assert res.stdout.decode() == (
+        "Z4.3.5 route [127.0.0.1]:99999: port 99999 is not 1-65535  <x@example.net>\n"
+    )
+    assert b"Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(os.path.exists("/etc/mailgrave/mailgrave.yaml"), reason="a real config")
+def test_check_without_the_default_file_checks_the_defaults_as_every_program_uses_them() -> None:
+    res = subprocess.run([program("mailgrave"), "check"], capture_output=True)
+    err = res.stderr.decode()
+    assert "/etc/mailgrave/mailgrave.yaml: no such file: every program uses the defaults" in err
+    assert "cannot read" not in err
+
+
+def test_config_before_or_after_every_sub_command(tmp_path: Path, processes: Processes) -> None:
+    inst = Instance(tmp_path, auth={"users_file": str(tmp_path / "users")})
+    [qid] = _queue_three(inst, processes)[:1]
+    cfg = str(inst.config_path)
+
+    def mg(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([program("mailgrave"), *args], capture_output=True, input=data)
+
+    for args in (
+        ["--config", cfg, "queue"],
+        ["queue", "--config", cfg],
+        ["queue", "list", "--config", cfg],
+    ):
+        res = mg(*args)
+        assert res.returncode == 0 and qid in res.stdout.decode(), (args, res.stderr)
+    assert mg("queue", "show", "--config", cfg, qid).returncode == 0
+    assert mg("queue", "hold", "--config", cfg, qid).returncode == 0
+    assert "(held)" in mg("queue", "show", qid, "--config", cfg).stdout.decode()
+    assert mg("queue", "release", qid, "--config", cfg).returncode == 0
+    assert "(held)" not in mg("--config", cfg, "queue", "show", qid).stdout.decode()
+    assert mg("check", "--config", cfg).returncode == 0
+    assert mg("--config", cfg, "check").returncode == 0
+    res = mg("user", "add", "--config", cfg, "alice", "--stdin", data=b"a long secret\n")
+    assert res.returncode == 0, res.stderr
+    assert mg("user", "list", "--config", cfg).stdout == b"alice\n"
+    assert mg("user", "del", "alice", "--config", cfg).returncode == 0

@@ -343,3 +343,79 @@ def test_send_keeps_its_local_connection_and_replaces_a_closed_one(
     finally:
         agents.close()
     assert len(inst.messages("alice")) == 7
+
+
+# Debian 13's failure (issue 16): root without CAP_SETUID. `setpriv` drops it from
+# the bounding set, so the exec'd mailgrave-local is root whose setuid() fails.
+NO_SETUID = ["setpriv", "--bounding-set", "-setuid", "--"]
+
+
+@needs_root
+def test_without_setuid_one_critical_line_and_every_answer_deferred_at_once(
+    tmp_path: Path, processes: Processes
+) -> None:
+    inst = Instance(tmp_path)
+    msg = spool_message(inst)
+    path = str(inst.base / "local.ctrl")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    fd = listener.fileno()
+    move = f"import os, sys; os.dup2({fd}, 3); os.close({fd}); os.execvp(sys.argv[1], sys.argv[1:])"
+    errlog = inst.base / "local.log"
+    with errlog.open("wb") as err:
+        proc = processes.start(
+            [
+                "/usr/bin/python3",
+                "-c",
+                move,
+                *NO_SETUID,
+                program("mailgrave-local"),
+                "--config",
+                str(inst.config_path),
+            ],
+            env=dict(os.environ, LISTEN_FDS="1", MAILGRAVE_LOG="stderr"),
+            pass_fds=(fd,),
+            stderr=err,
+        )
+    listener.close()
+    wait_for(lambda: os.path.exists(path))
+    started = time.monotonic()
+    for i in range(3):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(path)
+            lines = request(c, msg, f"Q{i}", "s@example.net", "alice@example.org", "x@example.org")
+            want = "Z4.3.0 local delivery misconfigured: cannot switch users"
+            assert lines == [want, want]
+    assert time.monotonic() - started < 5
+    assert inst.messages("alice") == []
+    assert proc.poll() is None
+    text = errlog.read_text()
+    assert "Traceback" not in text
+    [line] = [t for t in text.splitlines() if t]
+    assert "cannot switch to user nobody" in line and "docs/security.md" in line
+
+
+@needs_root
+def test_without_setuid_by_hand_says_configuration_problem(instance: Instance) -> None:
+    res = subprocess.run(
+        [
+            *NO_SETUID,
+            program("mailgrave-local"),
+            "--config",
+            str(instance.config_path),
+            "--qid",
+            "T",
+            "alice@example.org",
+        ],
+        input=MSG,
+        capture_output=True,
+        env=dict(os.environ, MAILGRAVE_LOG="stderr"),
+        timeout=60,
+    )
+    assert res.returncode == 111, res
+    assert res.stdout.decode().startswith(
+        "Z4.3.0 mailgrave-local cannot switch to user nobody: configuration problem,"
+        " see docs/security.md"
+    )
+    assert b"Traceback" not in res.stderr

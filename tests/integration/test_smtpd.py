@@ -669,3 +669,33 @@ def test_relay_networks_greeted_without_pause(queue_chain: Instance, processes: 
             assert data, got
             got += data
         assert got.startswith(b"220 "), got
+
+
+def test_a_failed_handshake_logs_openssl_s_reason(
+    tls_instance: Instance, processes: Processes
+) -> None:
+    port = free_port()
+    errlog = tls_instance.base / "smtpd.log"
+    bind = ["--bind", "127.0.0.1", "--port", str(port)]
+    with errlog.open("wb") as err:
+        processes.start(
+            [program("mailgrave-smtpd"), "--config", str(tls_instance.config_path), *bind],
+            env={**os.environ, "MAILGRAVE_LOG": "stderr"},
+            stderr=err,
+        )
+    wait_for(lambda: _can_connect(port))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        recv_reply(raw)
+        raw.sendall(b"EHLO c\r\n")
+        recv_reply(raw)
+        raw.sendall(b"STARTTLS\r\n")
+        assert recv_reply(raw).startswith(b"220")
+        raw.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not a ClientHello
+        try:
+            raw.recv(4096)
+        except ConnectionResetError:
+            pass  # the server gave up on us: what this test wants
+    line = wait_for(
+        lambda: [t for t in errlog.read_text().splitlines() if "TLS handshake" in t], timeout=10
+    )[0]
+    assert "failed: http request" in line, line
