@@ -91,14 +91,65 @@ def _bootable(root: Path) -> bool:
     return (root / "usr/lib/systemd/systemd").exists()
 
 
+CONTROL = Path(__file__).resolve().parents[2] / "debian" / "control"
+
+
+def runtime_depends(control: str | None = None) -> list[str]:
+    """The Debian packages the .deb depends on (debian/control), without the
+    substitution variables: the container has no network to fetch them at
+    install time, so the cached root must already hold them."""
+    text = CONTROL.read_text() if control is None else control
+    m = re.search(r"^Package:.*?^Depends:(.*?)^\S", text, re.S | re.M)
+    assert m, "no Depends: in debian/control"
+    names = [item.split()[0] for item in m.group(1).replace("\n", " ").split(",") if item.strip()]
+    return [n for n in names if not n.startswith("$")]
+
+
+def ensure_packages(root: Path) -> None:
+    """Install into the cached ``root`` whatever of :func:`runtime_depends` it
+    lacks (a root made before the package gained a dependency), over the host's
+    network, in a non-booted nspawn."""
+    wanted = runtime_depends()
+    query = host(
+        "chroot",
+        str(root),
+        "dpkg-query",
+        "-W",
+        "-f=${Package} ${db:Status-Abbrev}\n",
+        *wanted,
+        check=False,
+    ).stdout
+    installed = {f.split()[0] for f in query.splitlines() if f.split()[1:2] == ["ii"]}
+    missing = [p for p in wanted if p not in installed]
+    if not missing:
+        return
+    nspawn = ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit"]
+    env = ["env", "DEBIAN_FRONTEND=noninteractive"]
+    host(*nspawn, *env, "apt-get", "update", "-qq", timeout=900)
+    host(
+        *nspawn,
+        *env,
+        "apt-get",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        *missing,
+        timeout=1800,
+    )
+
+
 def ensure_rootfs(release: str) -> Path:
-    """The cached root of ``release``, debootstrapped on first use (about 90 s alone)."""
+    """The cached root of ``release``, debootstrapped on first use (about 90 s alone),
+    with the package's runtime dependencies installed."""
     root = rootfs_path(release)
     if _bootable(root):
+        ensure_packages(root)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     if release == "bookworm" and _bootable(OLD_BOOKWORM_ROOTFS):
         OLD_BOOKWORM_ROOTFS.rename(root)  # the cache's old layout: keep it, do not fetch again
+        ensure_packages(root)
         return root
     tmp = root.parent / "rootfs.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,6 +163,7 @@ def ensure_rootfs(release: str) -> Path:
         timeout=1800,
     )
     tmp.rename(root)
+    ensure_packages(root)
     return root
 
 
