@@ -43,9 +43,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     for key, value in (("smtpd.tls.certificate", tls.certificate), ("smtpd.tls.key", tls.key)):
         if value and not os.access(value, os.R_OK):
             problems.append(f"{path}: {key}: cannot read {value}")
-    ca_file = config.remote.ca_file
-    if ca_file and not os.access(ca_file, os.R_OK):
-        problems.append(f"{path}: remote.ca_file: cannot read {ca_file}")
     sts_cache = config.remote.mta_sts_cache
     if config.remote.mta_sts == "on" and os.path.exists(sts_cache) and not os.path.isdir(sts_cache):
         problems.append(f"{path}: remote.mta_sts_cache: {sts_cache} is not a directory")
