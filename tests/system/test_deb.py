@@ -168,7 +168,7 @@ def test_install_enables_exactly_the_sockets_path_and_timer(box: Container) -> N
 
 def test_units_verify_clean(box: Container) -> None:
     units = box.run("sh", "-c", "ls /lib/systemd/system/mailgrave*").stdout.split()
-    assert len(units) == 14
+    assert len(units) == len(list((ROOT / "systemd").iterdir()))  # every unit shipped
     # The container has no man-db; the pages named in Documentation= are checked below.
     result = box.run("systemd-analyze", "verify", "--man=no", *units, check=False)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
