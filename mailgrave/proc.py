@@ -57,11 +57,20 @@ class Children:
 
     def fork(self, tag: Any, child: Callable[[], object]) -> int:
         """Run ``child()`` in a new process (see :func:`run_and_exit`); its pid."""
+        pid = self.fork_here(tag)
+        if pid == 0:
+            run_and_exit(child)
+        return pid
+
+    def fork_here(self, tag: Any) -> int:
+        """``os.fork()`` for a parent whose child goes on inline (the smtpd
+        listener prepares each child itself): 0 in the child, which owns no
+        children, the pid in the parent, which remembers it with ``tag``."""
         pid = os.fork()
         if pid == 0:
             self.tags.clear()
-            run_and_exit(child)
-        self.tags[pid] = tag
+        else:
+            self.tags[pid] = tag
         return pid
 
     def reap(self) -> list[tuple[int, Any, int]]:

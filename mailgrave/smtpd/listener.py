@@ -15,7 +15,7 @@ from mailgrave import config as configmod
 from mailgrave import log as mglog
 from mailgrave import maillog
 from mailgrave.errors import EXIT_OK
-from mailgrave.proc import run_and_exit
+from mailgrave.proc import Children, run_and_exit
 from mailgrave.smtp import replies as R
 from mailgrave.smtpd.session import (
     READ_SIZE,
@@ -65,6 +65,7 @@ class Listener:
         self.last_accept = 0.0
         self.stopping = False
         self.stress = False  # connections run short: see _check_stress
+        self.procs = Children()  # every child: sessions, spares, leaving spares
 
     def run(self) -> int:
         if self.config.smtpd.tls.certificate:
@@ -148,18 +149,7 @@ class Listener:
         return (bool(cap) and per_client >= cap) or len(self.children) >= reserve
 
     def reap(self) -> None:
-        while self.children or self.spares or self.leaving:
-            try:
-                pid, _status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                for child in list(self.live):
-                    self._forget_live(child)
-                self._drop_spares()
-                self.leaving.clear()
-                return
-            if pid == 0:
-                return
+        for pid, _tag, _status in self.procs.reap():
             self.children.pop(pid, None)
             self._forget_live(pid)
             self.leaving.discard(pid)
@@ -196,7 +186,7 @@ class Listener:
         # Objects the parent made so far are never collected in a child: a
         # collection there would touch (copy-on-write) every page of the heap.
         gc.freeze()
-        pid = os.fork()
+        pid = self.procs.fork_here("smtpd")
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
