@@ -26,6 +26,7 @@ from dns import resolver as dns_resolver
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
+from mailgrave.dnsconf import resolver
 from mailgrave.errors import PermFail, TempFail
 from mailgrave.queue.inbound import BodyKey, Inbound
 
@@ -43,19 +44,6 @@ DKIM_TEMPFAIL = "4.7.5 DKIM signature could not be checked (DNS), try again late
 
 class DnsTrouble(Exception):
     """A look-up failed for a reason other than "no such record"."""
-
-
-def resolver(config: configmod.Config) -> dns_resolver.Resolver:
-    """A resolver on ``remote.dns`` (the system's when no nameservers are set)."""
-    dns = config.remote.dns
-    if dns.nameservers:
-        res = dns_resolver.Resolver(configure=False)
-        res.nameservers = list(dns.nameservers)
-    else:
-        res = dns_resolver.Resolver()
-    res.port = dns.port
-    res.timeout = res.lifetime = dns.timeout
-    return res
 
 
 def txt(res: dns_resolver.Resolver, name: str) -> list[bytes]:

@@ -14,6 +14,7 @@ from dns import exception as dns_exception
 from dns import resolver as dns_resolver
 
 from mailgrave import config as configmod
+from mailgrave.dnsconf import resolver
 from mailgrave.smtp.replies import Reply
 
 # RFC 7208 §4.6.4: at least 20 seconds for the whole evaluation.
@@ -55,19 +56,6 @@ def _lookup(res: dns_resolver.Resolver) -> object:
         return out
 
     return lookup
-
-
-def resolver(config: configmod.Config) -> dns_resolver.Resolver:
-    """A resolver on ``remote.dns`` (the system's when no nameservers are set)."""
-    dns = config.remote.dns
-    if dns.nameservers:
-        res = dns_resolver.Resolver(configure=False)
-        res.nameservers = list(dns.nameservers)
-    else:
-        res = dns_resolver.Resolver()
-    res.port = dns.port
-    res.timeout = res.lifetime = dns.timeout
-    return res
 
 
 class SenderChecks:
