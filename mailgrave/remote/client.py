@@ -305,24 +305,29 @@ class Client:
         if reply.code != 354:
             raise self._fail(reply, "DATA")
         self.sock.settimeout(self.timeouts.data_block)
-        try:
-            for chunk in message:
-                self.sock.sendall(chunk)
-            self.sock.sendall(b".\r\n")
-        except TimeoutError:
-            self.broken = True
-            raise SMTPError("timeout while sending the message", "DATA", False) from None
-        except OSError as exc:
-            self.broken = True
-            raise SMTPError(
-                f"connection failed while sending the message: {exc.strerror or exc}", "DATA", False
-            ) from None
+        for chunk in message:
+            self._send_octets(chunk, "DATA")
+        self._send_octets(b".\r\n", "DATA")
         self.transcript.append(">>> (message)")
         final = self.read_reply(self.timeouts.data_end, "end of data")
         if not final.ok:
             raise self._fail(final, "end of DATA")
         done = Result("K", final.enhanced or "2.0.0", str(final), self.name)
         return [r if r is not None else done for r in results]
+
+    def _send_octets(self, data: bytes, stage: str) -> None:
+        """Message octets (DATA or BDAT); a timeout or a broken connection is an
+        SMTPError for the whole transaction, and the session is not reused."""
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            self.broken = True
+            raise SMTPError("timeout while sending the message", stage, False) from None
+        except OSError as exc:
+            self.broken = True
+            raise SMTPError(
+                f"connection failed while sending the message: {exc.strerror or exc}", stage, False
+            ) from None
 
     def _bdat(self, message: Iterator[bytes], results: list[Result | None]) -> list[Result]:
         """RFC 3030: the message in chunks of about BDAT_CHUNK octets, the last one
@@ -343,18 +348,7 @@ class Client:
             last = piece is None
             head = f"BDAT {len(buf)}{' LAST' if last else ''}"
             self.transcript.append(f">>> {head}")
-            try:
-                self.sock.sendall(head.encode() + b"\r\n" + bytes(buf))
-            except TimeoutError:
-                self.broken = True
-                raise SMTPError("timeout while sending the message", "BDAT", False) from None
-            except OSError as exc:
-                self.broken = True
-                raise SMTPError(
-                    f"connection failed while sending the message: {exc.strerror or exc}",
-                    "BDAT",
-                    False,
-                ) from None
+            self._send_octets(head.encode() + b"\r\n" + bytes(buf), "BDAT")
             buf.clear()
             sent += 1
             if not pipelined or last:
