@@ -172,7 +172,7 @@ class Listener:
             self._forget_live(by_fd[fd])
 
     def live_sessions(self, ip: str | None = None) -> int:
-        self._sessions_ended()
+        """Sessions still open (from ``ip``), as of the last :meth:`_sessions_ended`."""
         return sum(1 for pid in self.live if ip is None or self.children.get(pid) == ip)
 
     def _drop_spares(self) -> None:
@@ -251,6 +251,7 @@ class Listener:
         limit_client = smtpd.max_connections_per_client
         if limit_client and not smtpd.limit_relay_networks and self.config.may_relay(ip):
             limit_client = 0  # relay_networks are exempt, as Postfix exempts $mynetworks
+        self._sessions_ended()  # one poll of the sessions' pipes for both counts
         per_client = self.live_sessions(ip)
         self._check_stress()
         if (
