@@ -493,7 +493,19 @@ class Config(Record):
         return any(w == width and value >> (w - plen) == net >> (w - plen) for w, net, plen in nets)
 
     def socket_path(self, name: str) -> str:
+        """Control socket ``name``: in run_dir, unless a program's --in or --out
+        named another path for it (:meth:`with_socket`)."""
+        moved = self.__dict__.get("_moved_sockets")
+        if moved and name in moved:
+            return str(moved[name])
         return os.path.join(self.run_dir, name)
+
+    def with_socket(self, name: str, path: str) -> Config:
+        """This configuration with control socket ``name`` at ``path`` (--in/--out:
+        the flag overrides run_dir for that one socket)."""
+        copy = self.replace()
+        copy.__dict__["_moved_sockets"] = {**self.__dict__.get("_moved_sockets", {}), name: path}
+        return copy
 
 
 def _ip_bits(ip: str) -> tuple[int, int] | None:

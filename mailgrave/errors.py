@@ -8,6 +8,7 @@ from mailgrave.record import Record, record
 EXIT_OK = 0
 EXIT_PERM = 100
 EXIT_TEMP = 111
+EXIT_USAGE = 64  # a command-line mistake (sysexits EX_USAGE)
 
 OK = "K"  # delivered
 TEMPORARY = "Z"  # try again later

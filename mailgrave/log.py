@@ -54,6 +54,7 @@ class _Output:
     level = WARNING
     journal: object | None = None  # a _socket.socket (AF_UNIX datagram) once set up
     stderr = True
+    journal_connected = False  # keep_journal: sent without an address
 
 
 _out = _Output()
@@ -70,7 +71,10 @@ def _send_journal(sock: object, fields: Mapping[str, str]) -> bool:
     assert isinstance(sock, _socket.socket)
     data = b"".join(_journal_field(k, v) for k, v in fields.items())
     try:
-        sock.sendto(data, JOURNAL_SOCKET)
+        if _out.journal_connected:
+            sock.send(data)
+        else:
+            sock.sendto(data, JOURNAL_SOCKET)
         return True
     except OSError as exc:
         import errno  # here and below: only for a record too big for a datagram
@@ -89,7 +93,10 @@ def _send_journal(sock: object, fields: Mapping[str, str]) -> bool:
             seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
             rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))]
-            sock.sendmsg([], rights, 0, JOURNAL_SOCKET)
+            if _out.journal_connected:
+                sock.sendmsg([], rights)
+            else:
+                sock.sendmsg([], rights, 0, JOURNAL_SOCKET)
         finally:
             os.close(fd)
         return True
@@ -226,11 +233,26 @@ def setup(program: str, debug: bool = False, stdlib: bool = True) -> None:
     _out.identifier = f"mailgrave-{program}" if not program.startswith("mailgrave") else program
     _out.level = DEBUG if debug else INFO
     old, _out.journal = _out.journal, _journal_socket()
+    _out.journal_connected = False
     if old is not None:
         old.close()  # type: ignore[attr-defined]
     _out.stderr = _out.journal is None or sys.stderr.isatty()
     if stdlib:
         _route_stdlib(debug)
+
+
+def keep_journal() -> None:
+    """Connect to journald now, so that records still reach it once the program
+    has changed its root directory (``--chroot``), where the socket's path is gone."""
+    sock = _out.journal
+    if sock is None:
+        return
+    assert isinstance(sock, _socket.socket)
+    try:
+        sock.connect(JOURNAL_SOCKET)
+    except OSError:
+        return
+    _out.journal_connected = True
 
 
 def _route_stdlib(debug: bool) -> None:

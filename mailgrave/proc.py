@@ -248,8 +248,10 @@ def serve_threads(
     serve(listeners, start, idle_exit, busy=lambda: active > 0, tick=tick)
 
 
-def bind_unix(path: str, mode: int, backlog: int = 256) -> socket.socket:
-    """A listening Unix stream socket at ``path`` (replacing a stale one) with ``mode``."""
+def bind_unix(path: str, mode: int, backlog: int = 256, dir_owner: bool = False) -> socket.socket:
+    """A listening Unix stream socket at ``path`` (replacing a stale one) with ``mode``;
+    ``dir_owner`` (a stage's ``--in`` as root): owned by its directory's owner and
+    group, so that whoever may use the directory may connect (the 2006 layout)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -257,5 +259,8 @@ def bind_unix(path: str, mode: int, backlog: int = 256) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     os.chmod(path, mode)
+    if dir_owner and os.geteuid() == 0:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+        os.chown(path, st.st_uid, st.st_gid)
     sock.listen(backlog)
     return sock

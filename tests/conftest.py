@@ -249,6 +249,9 @@ def _current_user() -> str:
 
 
 VIRTUAL_USER = "nobody" if os.getuid() == 0 else _current_user()
+# As root, smtpd, queue, send and remote refuse to start by hand without --user
+# (mailgrave-smtpd(8)): a test that starts one by hand stays who it is, on purpose.
+SAME_USER = ("--user", _current_user())
 
 
 def make_traversable(path: Path) -> None:

@@ -472,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mailgrave", description="MailGrave administration: check, run, queue."
     )
-    parser.add_argument(
-        "--config", help="configuration file (default /etc/mailgrave/mailgrave.yaml)"
-    )
+    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser("check", help="validate the configuration; report every problem")
     run = sub.add_parser("run", help="run the whole chain in the foreground (development, demos)")
@@ -493,8 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ADDR:PORT",
         help="submission listener with implicit TLS (repeatable)",
     )
-    run.add_argument("--retry-interval", type=float, default=60.0, metavar="SECONDS")
-    run.add_argument("--debug", action="store_true")
+    run.add_argument(
+        "--retry-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="start mailgrave-send at least this often, as the timer (default: %(default)s)",
+    )
+    run.add_argument("--debug", action="store_true", help="log debugging detail")
     queue = sub.add_parser("queue", help="list the queue, or act on messages in it")
     qsub = queue.add_subparsers(dest="action", metavar="ACTION")
     qsub.add_parser("list", help="list queued messages (the default)")
@@ -527,12 +531,15 @@ def main(argv: list[str] | None = None) -> int:
     keygen.add_argument("domain", metavar="DOMAIN")
     keygen.add_argument("--selector", required=True, metavar="S")
     keygen.add_argument(
-        "--algorithm", choices=dkimkey.ALGORITHMS, default="rsa-sha256", help="default rsa-sha256"
+        "--algorithm",
+        choices=dkimkey.ALGORITHMS,
+        default="rsa-sha256",
+        help="(default: %(default)s)",
     )
-    keygen.add_argument("--bits", type=int, default=2048, metavar="N", help="RSA (default 2048)")
     keygen.add_argument(
-        "--dir", default="/etc/mailgrave/dkim", help="where (default /etc/mailgrave/dkim)"
+        "--bits", type=int, default=2048, metavar="N", help="RSA (default: %(default)s)"
     )
+    keygen.add_argument("--dir", default="/etc/mailgrave/dkim", help="where (default: %(default)s)")
     # --config before or after any sub-command (mailgrave queue hold --config F ID).
     subs = (*qsub.choices.values(), *usub.choices.values(), *dsub.choices.values())
     for p in (check, run, queue, user, dkim, *subs):

@@ -29,6 +29,9 @@ from mailgrave.spool import Spool
 log = logmod.getLogger(__name__)
 
 SEND_POLL = 0.1
+# Started as root, the chain keeps root, and says so: mailgrave-send, the one stage
+# not handed a socket, refuses root without --user (mailgrave-send(8)).
+SEND_USER = ["--user", "root"] if os.geteuid() == 0 else []
 START_BURST = 10
 START_INTERVAL = 10.0
 TODO_RECHECK = 2.0
@@ -229,7 +232,7 @@ class Supervisor:
                             sel.register(sock, selectors.EVENT_READ, svc)
                 if self.send_due():
                     self.last_send = time.monotonic()
-                    args = ["--config", self.config.path]
+                    args = ["--config", self.config.path, *SEND_USER]
                     self.send_pid = self.spawn("send", "mailgrave.send", args, [])
         finally:
             self.shutdown()

@@ -31,8 +31,9 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 MAX_HEADER = 1024 * 1024
-USAGE = """\
-usage: sendmail [-t] [-i] [-f SENDER] [-F NAME] [-v] [--config FILE] [--] [RECIPIENT ...]
+USAGE = f"""\
+usage: sendmail [-t] [-i] [-f SENDER] [-F NAME] [-v] [--config FILE] [--out PATH] [--]
+                [RECIPIENT ...]
        sendmail -bp | mailq          list the queue
        sendmail -q                   retry every deferred message now
 
@@ -43,7 +44,9 @@ Reads a message on standard input and queues it for RECIPIENT(s).
   -i, -oi     a line with a single "." does not end the message
   -v          print the queue id
   -C FILE, --config FILE
-              configuration file (default /etc/mailgrave/mailgrave.yaml)
+              configuration file (default: {configmod.DEFAULT_PATH})
+  --out PATH  the queue.ctrl socket to submit to
+              (default: run_dir/queue.ctrl, {configmod.Config().socket_path("queue.ctrl")})
   -N NOTIFY   DSN: never, or success,failure,delay (RFC 3461), for every recipient
   -R RET      DSN: return the full message or only its headers (full|hdrs)
   -V ENVID    DSN: an envelope id, echoed in delivery reports
@@ -78,6 +81,7 @@ class Options(Record):
     dot_ends: bool = True
     verbose: bool = False
     config: str | None = None
+    out: str | None = None  # --out: queue.ctrl elsewhere than run_dir
     mode: str = "send"  # send | list | retry | noop
     notify: str = ""  # DSN (-N, -R, -V)
     ret: str = ""
@@ -104,6 +108,15 @@ def parse_args(argv: list[str]) -> Options:
                 i += 1
             else:
                 raise UsageError("--config needs a file")
+            continue
+        if arg == "--out" or arg.startswith("--out="):
+            if "=" in arg:
+                opts.out = arg.split("=", 1)[1]
+            elif i < len(argv):
+                opts.out = argv[i]
+                i += 1
+            if not opts.out:
+                raise UsageError("--out needs the path of a queue.ctrl socket")
             continue
         if not arg.startswith("-") or arg == "-":
             opts.recipients.append(arg)
@@ -375,6 +388,8 @@ def main(argv: list[str] | None = None, prog: str = "mailgrave-inject") -> int:
     if opts.mode == "noop":
         return EX_OK  # newaliases: /etc/aliases is read directly, nothing to rebuild
     config = configmod.load_or_exit(opts.config, prog, EX_CONFIG)
+    if opts.out:
+        config = config.with_socket("queue.ctrl", opts.out)
     try:
         qid = submit(opts, config, sys.stdin.buffer)
     except BadAddress as exc:

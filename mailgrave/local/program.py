@@ -40,7 +40,7 @@ from mailgrave.errors import (
     exit_for,
 )
 from mailgrave.local import mailbox
-from mailgrave.proc import serve_forks
+from mailgrave.proc import bind_unix, serve_forks
 from mailgrave.recipients import Router, Target, parse_alias_items
 from mailgrave.sd import listen_fds, stdin_socket
 from mailgrave.spool import blocks, scratch_entry
@@ -529,9 +529,19 @@ def main(argv: list[str] | None = None) -> int:
         "standard input, one K/Z/D result line per recipient. As a service: local.ctrl "
         "sockets from LISTEN_FDS, or the connection on standard input.",
     )
-    parser.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
-    parser.add_argument("--sender", default="", help="envelope sender (by hand)")
-    parser.add_argument("--qid", default="-", help="queue id for the logs (by hand)")
+    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
+    parser.add_argument("--sender", default="", help="envelope sender (by hand; default: <>)")
+    parser.add_argument(
+        "--qid", default="-", help="queue id for the logs (by hand; default: %(default)s)"
+    )
+    parser.add_argument(
+        "--in",
+        dest="listen",
+        metavar="PATH",
+        help="serve local.ctrl at PATH (default: the sockets in LISTEN_FDS; the units' is "
+        f"{configmod.Config().socket_path('local.ctrl')}). No --user: mailgrave-local starts "
+        "as root and becomes each recipient",
+    )
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
@@ -540,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipients:
         return by_hand(config, args.sender, args.qid, args.recipients)
     listeners = listen_fds()
+    if args.listen:
+        try:
+            listeners.append(bind_unix(args.listen, 0o600, dir_owner=True))
+        except OSError as exc:
+            print(f"mailgrave-local: cannot serve {args.listen}: {exc.strerror}", file=sys.stderr)
+            return EXIT_TEMP
     if listeners:
         return serve(config, listeners, config.queue.idle_exit)
     conn = stdin_socket()
@@ -549,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         os.close(null)
         _handle_connection(config, conn, can_switch(config))
         return EXIT_OK
-    parser.error("name recipients, or run under systemd with local.ctrl")
+    parser.error("name recipients, give --in PATH, or run under systemd with local.ctrl")
     return EXIT_TEMP
 
 

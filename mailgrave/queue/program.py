@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from mailgrave import config as configmod
-from mailgrave import ctrl, headers, maillog
+from mailgrave import ctrl, headers, maillog, privs
 from mailgrave import log as logmod
 from mailgrave.envelope import Envelope, EnvelopeError, decode, read_envelope
 from mailgrave.errors import EXIT_OK, EXIT_PERM, EXIT_TEMP, PermFail, TempFail
@@ -242,29 +242,49 @@ def by_hand(queue: Queue) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    defaults = configmod.Config()
     parser = argparse.ArgumentParser(
         prog="mailgrave-queue",
         description="Put a message into the MailGrave spool, durably. By hand: message "
         "on fd 0, envelope on fd 1 (like qmail-queue). As a service: queue.ctrl "
         "sockets from LISTEN_FDS, or --in PATH.",
     )
-    parser.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
-    parser.add_argument("--in", dest="listen", metavar="PATH", help="serve queue.ctrl at PATH")
+    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
+    parser.add_argument(
+        "--in",
+        dest="listen",
+        metavar="PATH",
+        help="serve queue.ctrl at PATH (bound before --user takes effect; default: the "
+        f"sockets in LISTEN_FDS; the units' is {defaults.socket_path('queue.ctrl')})",
+    )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: become NAME (and its groups) once --in is bound; required "
+        "as root unless the sockets are handed over (default: stay who we are)",
+    )
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     args = parser.parse_args(argv)
     logmod.setup("queue", args.debug)
     config = configmod.load_or_exit(args.config, "mailgrave-queue")
+    listeners = listen_fds()
+    conn = None if listeners or args.listen else stdin_socket()
+    handed = bool(listeners) or conn is not None
+    plan = privs.plan_or_exit("mailgrave-queue", args.user, None, handed)
+    if args.listen:
+        try:
+            listeners.append(bind_unix(args.listen, 0o666))
+        except OSError as exc:
+            print(f"mailgrave-queue: cannot serve {args.listen}: {exc.strerror}", file=sys.stderr)
+            return EXIT_TEMP
+    privs.drop_or_exit("mailgrave-queue", plan)
     try:
         queue = Queue(config)
     except OSError as exc:
         print(f"mailgrave-queue: cannot use spool {config.spool}: {exc.strerror}", file=sys.stderr)
         return EXIT_TEMP
-    listeners = listen_fds()
-    if args.listen:
-        listeners.append(bind_unix(args.listen, 0o666))
     if listeners:
         return serve(queue, listeners, config.queue.idle_exit)
-    conn = stdin_socket()
     if conn is not None:
         serve_connection(queue, conn)
         return EXIT_OK

@@ -19,15 +19,22 @@ import threading
 import time
 
 from mailgrave import config as configmod
-from mailgrave import ctrl, maillog
+from mailgrave import ctrl, maillog, privs
 from mailgrave import log as logmod
 from mailgrave.config import Config
 from mailgrave.envelope import Envelope
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, Result, exit_for
-from mailgrave.proc import serve_threads
+from mailgrave.proc import bind_unix, serve_threads
 from mailgrave.remote.client import Client, SMTPError, Timeouts, wire_format
 from mailgrave.remote.mtasts import Policies, Policy
-from mailgrave.remote.route import Hop, hops, route_for, smarthost_password, split_spec
+from mailgrave.remote.route import (
+    Hop,
+    Resolver,
+    hops,
+    route_for,
+    smarthost_password,
+    split_spec,
+)
 from mailgrave.sd import listen_fds, stdin_socket
 from mailgrave.spool import blocks, message_size, scratch_entry
 
@@ -35,6 +42,25 @@ log = logmod.getLogger(__name__)
 
 CACHE_IDLE = 10.0
 CACHE_MAX = 20
+# What delivery may import after --chroot (dnspython loads record types on first use).
+CHROOT_PRELOAD = (
+    "encodings.idna",
+    "idna",
+    "dns.rdtypes.IN.A",
+    "dns.rdtypes.IN.AAAA",
+    "dns.rdtypes.ANY.MX",
+    "dns.rdtypes.ANY.TXT",
+    "dns.rdtypes.ANY.CNAME",
+    "dns.rdtypes.ANY.SOA",
+    "dns.rdtypes.ANY.NS",
+    "dns.rdtypes.ANY.TLSA",
+    "dns.rdtypes.svcbbase",
+    "dns.rdtypes.IN.SVCB",
+    "dns.rdtypes.IN.HTTPS",
+    "http.client",
+    "email.parser",
+    "email.feedparser",
+)
 
 
 class Sessions:
@@ -85,6 +111,9 @@ class Delivery:
             self.route = f"{host if host.startswith('[') else f'[{host}]'}:{port}"
         self.login = login if login is not None else config.remote.smarthost.login
         self.sessions = Sessions()
+        # Set by before_chroot: what delivery would otherwise read from files each time.
+        self.resolver: Resolver | None = None
+        self.password: str | None = None
         t = config.remote.timeout
         self.timeouts = Timeouts(
             connect=config.remote.connect_timeout,
@@ -111,8 +140,19 @@ class Delivery:
             self._contexts[verify] = ctx
         return self._contexts[verify]
 
+    def before_chroot(self) -> None:
+        """Read now what delivery needs from files (mailgrave-remote --chroot): the
+        resolver's configuration, the CA certificates, the smarthost password."""
+        privs.preload(CHROOT_PRELOAD)
+        self.resolver = Resolver(self.config)
+        if self.policies is not None:
+            self.policies._resolver = self.resolver
+        self._context(True)
+        self._context(False)
+        self.password = smarthost_password(self.config)
+
     def _hops(self, domain: str) -> list[Hop]:
-        return hops(self.config, domain, route=self.route)
+        return hops(self.config, domain, resolver=self.resolver, route=self.route)
 
     def _mta_sts(self, domain: str, destinations: list[Hop]) -> tuple[Policy | None, list[Hop]]:
         """The MTA-STS policy for an MX delivery to ``domain`` (none for routes and
@@ -188,7 +228,10 @@ class Delivery:
                         client.quit()
                         return self._open(hop, address, plain=True)
             if smart and self.login:
-                client.auth(self.login, smarthost_password(self.config))
+                password = self.password
+                if password is None:
+                    password = smarthost_password(self.config)
+                client.auth(self.login, password)
         except BaseException as exc:
             if isinstance(exc, SMTPError):
                 exc.transcript = list(client.transcript)
@@ -298,8 +341,8 @@ def serve(delivery: Delivery, listeners: list[socket.socket], idle_exit: float) 
     return EXIT_OK
 
 
-def by_hand(delivery: Delivery, sender: str, rcpts: list[str]) -> int:
-    fd = scratch_entry(sys.stdin.buffer, Envelope(sender, tuple(rcpts)).encode())
+def by_hand(delivery: Delivery, sender: str, rcpts: list[str], fd: int) -> int:
+    """The message (``fd``: a scratch spool file) to each domain's recipients."""
     by_domain: dict[str, list[str]] = {}
     for r in rcpts:
         by_domain.setdefault(r.rpartition("@")[2].lower(), []).append(r)
@@ -316,18 +359,54 @@ def by_hand(delivery: Delivery, sender: str, rcpts: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    defaults = configmod.Config()
     parser = argparse.ArgumentParser(
         prog="mailgrave-remote",
         description="Deliver mail to remote SMTP servers. By hand: message on standard input, "
         "one K/Z/D line per recipient. As a service: remote.ctrl sockets from LISTEN_FDS, "
-        "or the connection on standard input.",
+        "--in PATH, or the connection on standard input.",
     )
-    parser.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
-    parser.add_argument("--sender", default="", help="envelope sender (by hand)")
-    parser.add_argument("--host", metavar="HOST[:PORT]", help="send to this host, no routing")
-    parser.add_argument("--relay", metavar="HOST", help="smarthost (with --port, --login)")
-    parser.add_argument("--port", type=int, help="port for --relay")
-    parser.add_argument("--login", help="AUTH login; the password comes from SMTP_AUTH_PASSWORD")
+    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
+    parser.add_argument("--sender", default="", help="envelope sender (by hand; default: <>)")
+    parser.add_argument(
+        "--host", metavar="HOST[:PORT]", help="send to this host, no routing (default: routes, MX)"
+    )
+    parser.add_argument(
+        "--relay",
+        metavar="HOST",
+        help="smarthost (with --port, --login; default: remote.smarthost, "
+        f"{defaults.remote.smarthost.host or 'none'})",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        help=f"port for --relay (default: remote.smarthost.port, {defaults.remote.smarthost.port})",
+    )
+    parser.add_argument(
+        "--login",
+        help="AUTH login; the password comes from SMTP_AUTH_PASSWORD (default: "
+        f"remote.smarthost.login, {defaults.remote.smarthost.login or 'none'})",
+    )
+    parser.add_argument(
+        "--in",
+        dest="listen",
+        metavar="PATH",
+        help="serve remote.ctrl at PATH, bound before --user and --chroot take effect "
+        "(default: the sockets in LISTEN_FDS; the units' is "
+        f"{defaults.socket_path('remote.ctrl')})",
+    )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: become NAME (and its groups) once --in is bound; required "
+        "as root unless the sockets are handed over (default: stay who we are)",
+    )
+    parser.add_argument(
+        "--chroot",
+        metavar="DIR",
+        help="with --user: deliver inside DIR; DNS, CA certificates and the smarthost "
+        "password are read first (default: none)",
+    )
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
@@ -336,19 +415,35 @@ def main(argv: list[str] | None = None) -> int:
     override = args.host
     if args.relay:
         override = f"{args.relay}:{args.port or config.remote.smarthost.port}"
+    listeners = [] if args.recipients else listen_fds()
+    serving = bool(listeners) or bool(args.listen)
+    conn = None if args.recipients or serving else stdin_socket()
+    if not args.recipients and not serving and conn is None:
+        parser.error("name recipients, give --in PATH, or run under systemd with remote.ctrl")
+    plan = privs.plan_or_exit(
+        "mailgrave-remote", args.user, args.chroot, bool(listeners) or conn is not None
+    )
+    if args.listen:
+        try:
+            listeners.append(bind_unix(args.listen, 0o600, dir_owner=True))
+        except OSError as exc:
+            print(f"mailgrave-remote: cannot serve {args.listen}: {exc.strerror}", file=sys.stderr)
+            return EXIT_TEMP
     delivery = Delivery(config, override, args.login)
+    if args.recipients:  # read before --user/--chroot: the temporary file is in /tmp
+        fd = scratch_entry(sys.stdin.buffer, Envelope(args.sender, tuple(args.recipients)).encode())
+    if plan.chroot is not None:
+        delivery.before_chroot()
+        logmod.keep_journal()
+    privs.drop_or_exit("mailgrave-remote", plan)
     if args.recipients:
-        return by_hand(delivery, args.sender, args.recipients)
-    listeners = listen_fds()
+        return by_hand(delivery, args.sender, args.recipients, fd)
     if listeners:
         return serve(delivery, listeners, config.queue.idle_exit)
-    conn = stdin_socket()
-    if conn is not None:
-        serve_connection(delivery, conn)
-        delivery.sessions.expire(everything=True)
-        return EXIT_OK
-    parser.error("name recipients, or run under systemd with remote.ctrl")
-    return EXIT_TEMP
+    assert conn is not None
+    serve_connection(delivery, conn)
+    delivery.sessions.expire(everything=True)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

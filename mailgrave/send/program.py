@@ -15,6 +15,7 @@ import sys
 
 from mailgrave import config as configmod
 from mailgrave import log as logmod
+from mailgrave import privs
 from mailgrave.errors import EXIT_OK, EXIT_TEMP
 from mailgrave.send.scheduler import Scheduler
 from mailgrave.spool import Spool
@@ -28,11 +29,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Deliver what is due in the MailGrave spool, then exit. Started by "
         "mailgrave-send.path (new mail) and mailgrave-send.timer (retries), or by hand.",
     )
-    parser.add_argument("--config", help=f"configuration file (default {configmod.DEFAULT_PATH})")
+    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: become NAME (and its groups) first; required as root "
+        "(default: stay who we are)",
+    )
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     args = parser.parse_args(argv)
     logmod.setup("send", args.debug)
     config = configmod.load_or_exit(args.config, "mailgrave-send")
+    privs.drop_or_exit("mailgrave-send", privs.plan_or_exit("mailgrave-send", args.user))
     spool = Spool(config.spool)
     if not os.path.isdir(spool.path("todo")):
         print(f"mailgrave-send: no spool at {config.spool}", file=sys.stderr)

@@ -27,23 +27,77 @@ if TYPE_CHECKING:
 log = mglog.getLogger(__name__)
 
 
+DEFAULT_BIND = "127.0.0.1"
+DEFAULT_PORT = 25
+# What a session may import or open after --chroot: imported by the parent first.
+CHROOT_PRELOAD = (
+    "ssl",
+    "ipaddress",
+    "encodings.idna",
+    "idna",
+    "email.parser",
+    "email.policy",
+    "email.utils",
+    "email.header",
+    "argon2",
+    "argon2.exceptions",
+    "authres",
+    "dns.rdtypes.IN.A",
+    "dns.rdtypes.IN.AAAA",
+    "dns.rdtypes.ANY.MX",
+    "dns.rdtypes.ANY.TXT",
+    "dns.rdtypes.ANY.PTR",
+    "dns.rdtypes.ANY.CNAME",
+    "dns.rdtypes.ANY.SOA",
+    "mailgrave.users",
+    "mailgrave.smtpd.auth",
+    "mailgrave.smtpd.checks",
+    "mailgrave.smtpd.listener",
+)
+
+
 def _parser() -> Any:
     import argparse  # only for --help and errors: see _parse_args
 
+    defaults = configmod.Config()
     parser = argparse.ArgumentParser(
         prog="mailgrave-smtpd",
         description="MailGrave's SMTP server. With no listening socket (LISTEN_FDS) and no "
         "--bind/--port, serves one connection on stdin/stdout (inetd style).",
     )
-    parser.add_argument("--config", metavar="PATH", help="configuration file")
-    parser.add_argument("--bind", metavar="ADDR", help="listen on ADDR (with --port)")
-    parser.add_argument("--port", metavar="N", type=int, help="listen on TCP port N")
+    parser.add_argument(
+        "--config", metavar="PATH", help=f"configuration file (default: {configmod.DEFAULT_PATH})"
+    )
+    parser.add_argument(
+        "--bind", metavar="ADDR", help=f"listen on ADDR (with --port; default: {DEFAULT_BIND})"
+    )
+    parser.add_argument(
+        "--port", metavar="N", type=int, help=f"listen on TCP port N (default: {DEFAULT_PORT})"
+    )
+    parser.add_argument(
+        "--out",
+        metavar="PATH",
+        help="the queue.ctrl socket to submit to; relative to the chroot with --chroot "
+        f"(default: run_dir/queue.ctrl, {defaults.socket_path('queue.ctrl')})",
+    )
+    parser.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started as root: become NAME (and its groups) once the listener is bound; "
+        "required as root unless the sockets are handed over (default: stay who we are)",
+    )
+    parser.add_argument(
+        "--chroot",
+        metavar="DIR",
+        help="with --user: serve inside DIR, everything a session needs loaded first "
+        "(default: none)",
+    )
     parser.add_argument(
         "--mode",
         choices=MODES,
         default="smtp",
-        help="smtp (port 25, the default), submission (587: STARTTLS, then AUTH before "
-        "MAIL) or smtps (465: implicit TLS, then AUTH before MAIL)",
+        help="smtp (port 25), submission (587: STARTTLS, then AUTH before "
+        "MAIL) or smtps (465: implicit TLS, then AUTH before MAIL) (default: %(default)s)",
     )
     parser.add_argument("--debug", action="store_true", help="log debugging details")
     return parser
@@ -53,6 +107,9 @@ class _Args:
     config: str | None = None
     bind: str | None = None
     port: int | None = None
+    out: str | None = None
+    user: str | None = None
+    chroot: str | None = None
     mode = "smtp"
     debug = False
 
@@ -83,29 +140,59 @@ def _parse_args(argv: list[str]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     config = configmod.load_or_exit(args.config, "mailgrave-smtpd")
+    if args.out:
+        config = config.with_socket("queue.ctrl", args.out)
     # Nothing smtpd runs uses the stdlib's logging: not importing it (nor the
     # threading it brings, whose fork hooks every child would run) also makes
     # each fork of the listener cheaper.
     mglog.setup("smtpd", debug=args.debug, stdlib=False)
     listeners = sd.listen_fds()
-    if listeners or args.bind or args.port is not None:
+    listening = bool(listeners) or bool(args.bind) or args.port is not None
+    sock = None if listening else sd.stdin_raw_socket()
+    drop = _privileges(args, handed_over=bool(listeners) or sock is not None)
+    if listening:
         # The warm parent: socket, signal and the rest, imported once.
         from mailgrave.smtpd.listener import Listener, bind
 
         if not listeners:
             try:
-                listeners = [bind(args.bind or "127.0.0.1", args.port or 25)]
+                listeners = [bind(args.bind or DEFAULT_BIND, args.port or DEFAULT_PORT)]
             except OSError as exc:
                 print(f"mailgrave-smtpd: cannot listen: {exc.strerror}", file=sys.stderr)
                 return EXIT_TEMP
+        drop(config)
         return Listener(config, listeners, args.mode).run()
-    sock = sd.stdin_raw_socket()
+    drop(config)
     try:
         serve_connection(config, sock, mode=args.mode)
     except Exception:
         log.exception("session failed")
         return EXIT_TEMP
     return EXIT_OK
+
+
+def _privileges(args: Any, handed_over: bool) -> Any:
+    """--user/--chroot checked now (before anything is bound); the function that
+    drops root once it is. Nothing is imported for a start that has neither flag
+    and is not root (every unit: User=)."""
+    import os
+
+    if args.user is None and args.chroot is None and (os.geteuid() != 0 or handed_over):
+        return lambda _config: None
+    from mailgrave import privs
+
+    plan = privs.plan_or_exit("mailgrave-smtpd", args.user, args.chroot, handed_over)
+
+    def drop(config: configmod.Config) -> None:
+        if plan.chroot is not None:
+            from mailgrave.smtpd.session import preload_tls
+
+            privs.preload(CHROOT_PRELOAD)
+            preload_tls(config)
+            mglog.keep_journal()
+        privs.drop_or_exit("mailgrave-smtpd", plan)
+
+    return drop
 
 
 if __name__ == "__main__":

@@ -122,6 +122,27 @@ class ConfigPolicy:
         return str(self.checks.header_value()) if self.checks is not None else ""
 
 
+# Server contexts loaded before --chroot (preload_tls): the files are out of reach then.
+_tls_contexts: dict[tuple[str, str], Any] = {}
+
+
+def _tls_context(certificate: str, key: str) -> Any:
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certificate, key)
+    return ctx
+
+
+def preload_tls(config: configmod.Config) -> None:
+    """Load smtpd.tls's certificate and key now, for every later STARTTLS or smtps
+    session of this process and its children (before mailgrave-smtpd --chroot)."""
+    tls = config.smtpd.tls
+    if tls.certificate and tls.key:
+        _tls_contexts[(tls.certificate, tls.key)] = _tls_context(tls.certificate, tls.key)
+
+
 class Channel:
     """The connection: a socket (possibly TLS-wrapped) or a pair of pipes."""
 
@@ -166,13 +187,9 @@ class Channel:
             self.sock.sendall(data)
 
     def start_tls(self, certificate: str, key: str) -> None:
-        import ssl
-
         if self.sock is None:
             raise OSError("TLS needs a socket")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(certificate, key)
+        ctx = _tls_contexts.get((certificate, key)) or _tls_context(certificate, key)
         self.sock.settimeout(self.timeout)
         self.sock = ctx.wrap_socket(self.sock, server_side=True)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Instance, Processes, program
+from tests.conftest import SAME_USER, Instance, Processes, program
 from tests.integration.test_queue import start_queue
 
 
@@ -52,7 +52,7 @@ def _queue_three(inst: Instance, processes: Processes) -> list[str]:
     for i in range(3):
         res = inst.sendmail(f"user{i}@remote.test", data=f"Subject: m{i}\n\nx\n".encode())
         assert res.returncode == 0
-    assert inst.run("mailgrave-send").returncode == 0
+    assert inst.run("mailgrave-send", *SAME_USER).returncode == 0
     qids = sorted(os.listdir(inst.spool / "info"))
     assert len(qids) == 3
     return qids
@@ -82,7 +82,7 @@ def test_queue_tools_hold_release_retry_delete(instance: Instance, processes: Pr
 
     # retry makes the deferred message due now; a send run attempts it again.
     assert instance.run("mailgrave", "queue", "retry", c).returncode == 0
-    assert instance.run("mailgrave-send").returncode == 0
+    assert instance.run("mailgrave-send", *SAME_USER).returncode == 0
     shown = instance.run("mailgrave", "queue", "show", c).stdout.decode()
     assert "attempts=2" in shown
     # The held one was not attempted.
@@ -108,7 +108,7 @@ def test_queue_tools_defer_to_a_running_send(instance: Instance, processes: Proc
         assert (instance.spool / "ctl" / f"{a}.hold").exists()
     finally:
         os.close(fd)
-    assert instance.run("mailgrave-send").returncode == 0  # applies the request
+    assert instance.run("mailgrave-send", *SAME_USER).returncode == 0  # applies the request
     assert not (instance.spool / "ctl" / f"{a}.hold").exists()
     assert "(held)" in instance.run("mailgrave", "queue", "show", a).stdout.decode()
 
@@ -136,16 +136,16 @@ def test_retry_all_leaves_held_messages_held(instance: Instance, processes: Proc
     a, b, c = _queue_three(instance, processes)
     assert instance.run("mailgrave", "queue", "hold", a).returncode == 0
     assert instance.run("mailgrave", "queue", "retry", "--all").returncode == 0
-    assert instance.run("mailgrave-send").returncode == 0
+    assert instance.run("mailgrave-send", *SAME_USER).returncode == 0
     assert "(held)" in instance.run("mailgrave", "queue", "show", a).stdout.decode()
     assert [_attempts(instance, q) for q in (a, b, c)] == [1, 2, 2]
     # sendmail -q is retry --all too
     assert instance.sendmail("-q", data=b"").returncode == 0
-    assert instance.run("mailgrave-send").returncode == 0
+    assert instance.run("mailgrave-send", *SAME_USER).returncode == 0
     assert [_attempts(instance, q) for q in (a, b, c)] == [1, 3, 3]
     # retry of that one message releases it (as documented in mailgrave(8))
     assert instance.run("mailgrave", "queue", "retry", a).returncode == 0
-    assert instance.run("mailgrave-send").returncode == 0
+    assert instance.run("mailgrave-send", *SAME_USER).returncode == 0
     assert "(held)" not in instance.run("mailgrave", "queue", "show", a).stdout.decode()
     assert _attempts(instance, a) == 2
 
@@ -157,7 +157,7 @@ def test_send_stays_for_a_retry_due_soon(instance: Instance, processes: Processe
     instance.write_config()
     start_queue(instance, processes)
     assert instance.sendmail("user@remote.test", data=b"Subject: soon\n\nx\n").returncode == 0
-    assert instance.run("mailgrave-send", timeout=120).returncode == 0
+    assert instance.run("mailgrave-send", *SAME_USER, timeout=120).returncode == 0
     [qid] = os.listdir(instance.spool / "info")
     assert _attempts(instance, qid) == 2
     assert "next in 59m" in instance.run("mailgrave", "queue").stdout.decode()
@@ -251,6 +251,7 @@ def test_a_route_port_out_of_range_given_by_hand_is_a_clear_deferral(tmp_path: P
     inst = Instance(tmp_path)
     res = inst.run(
         "mailgrave-remote",
+        *SAME_USER,
         "--host",
         "[127.0.0.1]:99999",
         "x@example.net",

@@ -18,7 +18,15 @@ import dns.rdatatype
 import pytest
 from dkim.util import parse_tag_value
 
-from tests.conftest import Instance, Processes, free_port, program, read_spool_file, wait_for
+from tests.conftest import (
+    SAME_USER,
+    Instance,
+    Processes,
+    free_port,
+    program,
+    read_spool_file,
+    wait_for,
+)
 from tests.integration.dnsserver import dns_server
 from tests.integration.test_submission import (
     PASSWORD,
@@ -249,7 +257,14 @@ def test_50mb_message_signed_in_bounded_memory(
     inst.run_dir.mkdir()
     sock = inst.run_dir / "queue.ctrl"
     queue = processes.start(
-        [program("mailgrave-queue"), "--config", str(inst.config_path), "--in", str(sock)]
+        [
+            program("mailgrave-queue"),
+            "--config",
+            str(inst.config_path),
+            *SAME_USER,
+            "--in",
+            str(sock),
+        ]
     )
     wait_for(lambda: sock.exists() or queue.poll() is not None)
     small = message("alice@example.org", "x@elsewhere.test", "warm-up").replace(b"\r\n", b"\n")

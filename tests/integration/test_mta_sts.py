@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Instance, Processes, free_port, wait_for
+from tests.conftest import SAME_USER, Instance, Processes, free_port, wait_for
 from tests.integration.dnsserver import dns_server
 from tests.integration.test_remote_delivery import PY, start_peer
 
@@ -128,7 +128,7 @@ def sts_instance(
 
 def _by_hand(inst: Instance) -> tuple[int, str, str]:
     res = inst.run(
-        "mailgrave-remote", "--sender", "alice@example.org", "x@example.net",
+        "mailgrave-remote", *SAME_USER, "--sender", "alice@example.org", "x@example.net",
         input=b"Subject: sts\n\nbody\n",
     )  # fmt: skip
     return res.returncode, res.stdout.decode(), res.stderr.decode()

@@ -12,7 +12,7 @@ import pytest
 from mailgrave.ctrl import QueueClient
 from mailgrave.envelope import Envelope
 from mailgrave.errors import PermFail
-from tests.conftest import Instance, Processes, program, wait_for
+from tests.conftest import SAME_USER, Instance, Processes, program, wait_for
 
 
 def queue_by_hand(
@@ -24,7 +24,7 @@ def queue_by_hand(
     os.close(w)
     try:
         return subprocess.run(
-            [program("mailgrave-queue"), "--config", str(inst.config_path)],
+            [program("mailgrave-queue"), "--config", str(inst.config_path), *SAME_USER],
             input=message,
             stdout=r,
             stderr=subprocess.PIPE,
@@ -37,7 +37,9 @@ def queue_by_hand(
 def start_queue(inst: Instance, processes: Processes) -> str:
     inst.run_dir.mkdir(exist_ok=True)
     path = str(inst.run_dir / "queue.ctrl")
-    processes.start([program("mailgrave-queue"), "--config", str(inst.config_path), "--in", path])
+    processes.start(
+        [program("mailgrave-queue"), "--config", str(inst.config_path), *SAME_USER, "--in", path]
+    )
     wait_for(lambda: os.path.exists(path))
     return path
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mailgrave.errors import Result
-from tests.conftest import Instance, Processes, program, wait_for, write_spool_file
+from tests.conftest import SAME_USER, Instance, Processes, program, wait_for, write_spool_file
 from tests.integration.dnsserver import dns_server
 
 
@@ -245,7 +245,12 @@ def test_by_hand_a_hanging_peer_times_out_as_a_temporary_failure(tmp_path: Path)
         inst = instance(tmp_path, hang, timeout="1s")
         start = time.monotonic()
         res = inst.run(
-            "mailgrave-remote", "--sender", "a@example.org", "x@example.net", input=b"x\n"
+            "mailgrave-remote",
+            *SAME_USER,
+            "--sender",
+            "a@example.org",
+            "x@example.net",
+            input=b"x\n",
         )
         assert time.monotonic() - start < 10
     finally:
@@ -259,6 +264,7 @@ def test_by_hand_host_override_several_domains_and_exit_codes(tmp_path: Path, si
     inst = Instance(tmp_path, remote={"connect_timeout": "2s"})  # no routes: --host decides
     res = inst.run(
         "mailgrave-remote",
+        *SAME_USER,
         "--sender",
         "a@example.org",
         "--host",
@@ -275,6 +281,7 @@ def test_by_hand_host_override_several_domains_and_exit_codes(tmp_path: Path, si
     assert sink.messages[0][2] == b"Subject: hi\r\n\r\nbody\r\n"
     res = inst.run(
         "mailgrave-remote",
+        *SAME_USER,
         "--sender",
         "a@example.org",
         "--host",
@@ -289,6 +296,7 @@ def test_relay_login_without_tls_never_sends_the_password(tmp_path: Path, sink: 
     inst = Instance(tmp_path, remote={"connect_timeout": "2s"})
     res = inst.run(
         "mailgrave-remote",
+        *SAME_USER,
         "--sender",
         "a@example.org",
         "--relay",
@@ -322,7 +330,12 @@ def test_a_busy_host_is_skipped_for_the_next_one_and_a_refusal_is_kept_in_the_tr
             dns = {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"}
             inst = Instance(tmp_path, remote={"port": sink.port, "dns": dns})
             res = inst.run(
-                "mailgrave-remote", "--sender", "a@example.org", "x@example.net", input=b"x\n"
+                "mailgrave-remote",
+                *SAME_USER,
+                "--sender",
+                "a@example.org",
+                "x@example.net",
+                input=b"x\n",
             )
             assert res.returncode == 0, res.stdout
             assert busy.connections == 1 and sink.connections == 1
@@ -331,7 +344,12 @@ def test_a_busy_host_is_skipped_for_the_next_one_and_a_refusal_is_kept_in_the_tr
             (tmp_path / "r").mkdir()
             inst = Instance(tmp_path / "r", remote={"port": refusing.port, "dns": dns})
             res = inst.run(
-                "mailgrave-remote", "--sender", "a@example.org", "x@refusing.test", input=b"x\n"
+                "mailgrave-remote",
+                *SAME_USER,
+                "--sender",
+                "a@example.org",
+                "x@refusing.test",
+                input=b"x\n",
             )
     finally:
         busy.close()
@@ -350,7 +368,12 @@ def test_a_failed_tls_handshake_falls_back_to_plaintext_only_when_opportunistic(
     try:
         inst = instance(tmp_path, bad, tls=policy)
         res = inst.run(
-            "mailgrave-remote", "--sender", "a@example.org", "x@example.net", input=b"x\n"
+            "mailgrave-remote",
+            *SAME_USER,
+            "--sender",
+            "a@example.org",
+            "x@example.net",
+            input=b"x\n",
         )
     finally:
         bad.close()
@@ -381,7 +404,9 @@ def test_ipv6_by_aaaa_and_ip_version_switch(tmp_path: Path, sink: Sink) -> None:
                     remote={"port": sink.port, "dns": dns, "ip_version": version},
                 )
                 for rcpt in (f"{version}@both.test", f"{version}@v4only.test"):
-                    res = inst.run("mailgrave-remote", "--sender", "", rcpt, input=b"x\n")
+                    res = inst.run(
+                        "mailgrave-remote", *SAME_USER, "--sender", "", rcpt, input=b"x\n"
+                    )
                     got[rcpt] = (res.returncode, len(six.messages), len(sink.messages))
     finally:
         six.close()

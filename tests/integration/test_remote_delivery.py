@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Instance, Processes, free_port, wait_for
+from tests.conftest import SAME_USER, Instance, Processes, free_port, wait_for
 from tests.integration.dnsserver import dns_server
 from tests.integration.test_chain import delivered
 
@@ -144,7 +144,7 @@ def remote_by_hand(
     sender: str = "alice@example.org",
     data: bytes = b"Subject: t\n\nbody\n",
 ) -> tuple[int, list[str]]:
-    res = inst.run("mailgrave-remote", "--sender", sender, *rcpts, input=data)
+    res = inst.run("mailgrave-remote", *SAME_USER, "--sender", sender, *rcpts, input=data)
     lines = [line for line in res.stdout.decode().splitlines() if not line.startswith("|")]
     return res.returncode, lines
 
@@ -264,7 +264,9 @@ def test_smarthost_auth_checked_by_the_peer(
     [auth] = peer.events("auth")
     assert auth == {"kind": "auth", "mechanism": mech, "ok": True, "tls": True}
     assert peer.messages()[0][0]["auth"] is True
-    res = inst.run("mailgrave-remote", "--sender", "a@example.org", "x@anywhere.test", input=b"x\n")
+    res = inst.run(
+        "mailgrave-remote", *SAME_USER, "--sender", "a@example.org", "x@anywhere.test", input=b"x\n"
+    )
     assert b"s3cret" not in res.stdout + res.stderr  # never in a transcript or log
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Instance, Processes, free_port, program, wait_for
+from tests.conftest import SAME_USER, Instance, Processes, free_port, program, wait_for
 
 DIALOGS = Path(__file__).parent / "dialogs"
 
@@ -320,6 +320,7 @@ def start_bind(inst: Instance, processes: Processes) -> tuple[subprocess.Popen[b
             "127.0.0.1",
             "--port",
             str(port),
+            *SAME_USER,
         ],
         env={**os.environ, "MAILGRAVE_LOG": "stderr"},
     )
@@ -676,7 +677,7 @@ def test_a_failed_handshake_logs_openssl_s_reason(
 ) -> None:
     port = free_port()
     errlog = tls_instance.base / "smtpd.log"
-    bind = ["--bind", "127.0.0.1", "--port", str(port)]
+    bind = ["--bind", "127.0.0.1", "--port", str(port), *SAME_USER]
     with errlog.open("wb") as err:
         processes.start(
             [program("mailgrave-smtpd"), "--config", str(tls_instance.config_path), *bind],

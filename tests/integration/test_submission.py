@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Instance, Processes, free_port, program, wait_for
+from tests.conftest import SAME_USER, Instance, Processes, free_port, program, wait_for
 
 PEERS = Path(__file__).resolve().parent.parent / "peers"
 PASSWORD = "correct horse battery staple"
@@ -379,6 +379,7 @@ def test_rate_limit_hit_and_kept_across_restart(tmp_path: Path, processes: Proce
                 "127.0.0.1",
                 "--port",
                 str(port),
+                *SAME_USER,
             ],
             env={**os.environ, "MAILGRAVE_LOG": "stderr"},
             stderr=subprocess.DEVNULL,
@@ -424,6 +425,7 @@ def test_record_login_names_the_user(tmp_path: Path, processes: Processes) -> No
             "127.0.0.1",
             "--port",
             str(port),
+            *SAME_USER,
         ],
         stderr=subprocess.DEVNULL,
     )
