@@ -36,6 +36,7 @@ PARTS = [
     ("full disk and reserve", "tests/integration/test_full_disk.py"),
     ("dead peers and DNS", "tests/integration/test_dead_peers.py"),
     ("full Maildir", "tests/integration/test_full_maildir.py"),
+    ("socket fuzz (pytest)", "tests/integration/test_socket_fuzz.py"),
 ]
 # The long form of the parts that run for a fixed time (tests/stressreport.py).
 STRESS_ENV = {"MAILGRAVE_STRESS_SECONDS": "60"}
