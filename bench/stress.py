@@ -11,10 +11,14 @@ parts that stop by themselves.
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import os
 import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +34,12 @@ PARTS = [
     ("hostile corpus (programs)", "tests/integration/test_hostile.py"),
     ("slowness and floods", "tests/integration/test_smtpd_slow.py"),
     ("full disk and reserve", "tests/integration/test_full_disk.py"),
+    ("dead peers and DNS", "tests/integration/test_dead_peers.py"),
+    ("full Maildir", "tests/integration/test_full_maildir.py"),
+    ("socket fuzz (pytest)", "tests/integration/test_socket_fuzz.py"),
 ]
+# The long form of the parts that run for a fixed time (tests/stressreport.py).
+STRESS_ENV = {"MAILGRAVE_STRESS_SECONDS": "60"}
 COLUMNS = ("part", "cases/msgs", "acked", "delivered", "lost", "dups", "wrong", "crashes", "hangs")
 
 
@@ -90,7 +99,8 @@ def feed(data: bytes, rng: random.Random) -> None:
     server.receive_data(b"")
 
 
-def fuzz(count: int, seed: int) -> list[object]:
+def fuzz_slice(count: int, seed: int) -> tuple[int, int]:
+    """``count`` inputs from ``seed``: (crashes, hangs)."""
     rng = random.Random(seed)
     corpus = seeds()
     crashes = hangs = 0
@@ -105,17 +115,45 @@ def fuzz(count: int, seed: int) -> list[object]:
             crashes += 1
         if time.monotonic() - start > 1.0:
             hangs += 1
-    return [f"fuzz core ({len(corpus)} seeds)", count, "-", "-", "-", "-", 0, crashes, hangs]
+    return crashes, hangs
 
 
-def pytest_part(name: str, path: str) -> list[object]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def _slice(args: tuple[int, int]) -> tuple[int, int]:
+    return fuzz_slice(*args)
+
+
+def fuzz(count: int, seed: int, jobs: int = 0) -> list[object]:
+    """The core fuzz over ``jobs`` processes (default: one per CPU), each with a
+    seed of its own (``seed``, ``seed + 1``, ...), so the inputs differ."""
+    jobs = jobs or os.cpu_count() or 1
+    shares = [count // jobs + (i < count % jobs) for i in range(jobs)]
+    start = time.monotonic()
+    if jobs == 1:
+        results = [fuzz_slice(count, seed)]
+    else:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            results = pool.map(_slice, [(n, seed + i) for i, n in enumerate(shares)])
+    took = time.monotonic() - start
+    crashes, hangs = sum(r[0] for r in results), sum(r[1] for r in results)
+    print(f"fuzz core: {count} inputs in {took:.0f} s over {jobs} processes", file=sys.stderr)
+    name = f"fuzz core ({len(seeds())} seeds)"
+    return [name, count, "-", "-", "-", "-", 0, crashes, hangs]
+
+
+def pytest_part(name: str, path: str, extra: list[list[object]]) -> list[object]:
+    """The part's tests as one row; rows and figures the tests report
+    (tests/stressreport.py) are added to ``extra``."""
+    with tempfile.NamedTemporaryFile(prefix="mailgrave-stress-", suffix=".jsonl") as report:
+        env = {**os.environ, **STRESS_ENV, "MAILGRAVE_STRESS_REPORT": report.name}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        extra += [json.loads(line) for line in Path(report.name).read_text().splitlines()]
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|error|skipped)", tail)}
     cases = sum(counts.values())
@@ -126,21 +164,42 @@ def pytest_part(name: str, path: str) -> list[object]:
     return [name, cases, "-", "-", "-", "-", wrong, crashes, 0]
 
 
+def table(columns: tuple[str, ...], rows: list[list[object]]) -> None:
+    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+
+
+RSS_COLUMNS = ("load", "stage", "RSS before (kB)", "RSS after (kB)", "growth (kB)")
+
+
+def reported(extra: list[list[object]]) -> tuple[list[list[object]], list[list[object]]]:
+    """The tests' own rows of the main table, and the RSS table."""
+    rows = [r[1:] for r in extra if r[0] == "row"]
+    rss = [[*r[1:], int(str(r[4])) - int(str(r[3]))] for r in extra if r[0] == "rss"]
+    return rows, rss
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fuzz", type=int, default=1_000_000, help="inputs for the core fuzz")
     ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--jobs", type=int, default=0, help="fuzz processes (default: CPUs)")
     ap.add_argument("--skip-tests", action="store_true", help="the fuzz part only")
     args = ap.parse_args()
-    rows = []
+    rows: list[list[object]] = []
+    extra: list[list[object]] = []
     if not args.skip_tests:
-        rows += [pytest_part(name, path) for name, path in PARTS]
-    rows.append(fuzz(args.fuzz, args.seed))
-    widths = [max(len(str(r[i])) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        rows += [pytest_part(name, path, extra) for name, path in PARTS]
+    rows.append(fuzz(args.fuzz, args.seed, args.jobs))
+    own, rss = reported(extra)
+    rows += own
+    table(COLUMNS, rows)
+    if rss:
+        print()
+        table(RSS_COLUMNS, rss)
     bad = any(r[6] or r[7] or r[8] for r in rows)
     return 1 if bad else 0
 
