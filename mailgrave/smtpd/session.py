@@ -485,7 +485,7 @@ class Session:
 
     def _authenticate_dovecot(self, ev: S.Authenticate) -> list[S.Event]:
         """Ask Dovecot (auth.dovecot_socket); no verdict is a 454, never a pass."""
-        from mailgrave.smtpd import dovecot  # only for sessions that authenticate
+        from mailgrave import dovecot  # only for sessions that authenticate
 
         try:
             name = dovecot.authenticate(

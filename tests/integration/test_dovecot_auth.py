@@ -72,6 +72,8 @@ def test_dovecot_checks_plain_and_login_and_down_is_454(
         },
         remote={"dns": {"nameservers": ["127.0.0.1"], "port": 9, "timeout": "2s"}},
     )
+    res = inst.run("mailgrave", "check")
+    assert res.returncode == 0 and b"auth.dovecot_socket" not in res.stderr, res.stderr
     inst.start(processes)
     port = free_port()
     log = tmp_path / "smtpd.log"
@@ -127,3 +129,15 @@ def test_dovecot_checks_plain_and_login_and_down_is_454(
     assert "AUTH unavailable: Dovecot: cannot connect" in text
     assert 'authenticated as "alice@example.org"' in text
     assert PASSWORD not in text and _plain("alice@example.org", PASSWORD) not in text
+
+    # mailgrave check: Dovecot not running is a warning; a file that is no socket, a problem.
+    res = inst.run("mailgrave", "check")
+    assert res.returncode == 0, res.stderr
+    assert b"auth.dovecot_socket: warning: " in res.stderr
+    plain = tmp_path / "plain-file"
+    plain.write_text("")
+    inst.settings["auth"]["dovecot_socket"] = str(plain)
+    inst.write_config()
+    res = inst.run("mailgrave", "check")
+    assert res.returncode == 1
+    assert f"auth.dovecot_socket: {plain} is not a socket".encode() in res.stderr

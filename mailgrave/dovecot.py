@@ -7,7 +7,8 @@ over the unix socket of ``auth.dovecot_socket``: one connection per check.
 
 (fields separated by tabs), as Postfix's xsasl_dovecot_server does. Credentials
 given with LOGIN go to Dovecot as PLAIN, which it always offers. Imported only
-by a session that authenticates with ``auth.dovecot_socket`` set.
+by a session that authenticates with ``auth.dovecot_socket`` set, and by
+``mailgrave check``.
 """
 
 from __future__ import annotations
