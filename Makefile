@@ -14,7 +14,7 @@ DEB_PKGS := python3-yaml python3-systemd python3-dnspython python3-idna python3-
 	python3-spf python3-authres python3-dkim python3-publicsuffix2 publicsuffix \
 	python3-nacl python3-cryptography \
 	swaks msmtp fail2ban s-nail mutt dnsmasq-base openssl procps iproute2 passwd \
-	systemd
+	systemd opendkim-tools dovecot-core
 RUN_PORT ?= 2525
 LINT_DIRS := mailgrave tests $(wildcard bench)
 

@@ -484,14 +484,15 @@ class Server:
         self.state = State.CONNECTED
         return []
 
-    def auth_result(self, ok: bool) -> list[Event]:
-        """The program's verdict on :class:`Authenticate`'s credentials."""
+    def auth_result(self, ok: bool, name: str = "") -> list[Event]:
+        """The program's verdict on :class:`Authenticate`'s credentials; ``name``: the
+        login as the verifier knows it (Dovecot's user=), if it says."""
         if self.state != State.AUTH_CHECK:
             return []
         self.state = State.READY
         login, self._auth_user = self._auth_user or "", None
         if ok:
-            self.login = login
+            self.login = name or login
             self._reply(R.AUTH_OK)
         else:
             self._auth_failed(login, "invalid credentials", R.AUTH_INVALID)

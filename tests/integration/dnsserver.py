@@ -81,10 +81,12 @@ def dns_server(
     zone: dict[str, list[Record]],
     servfail: Iterable[str] = (),
     silent: Iterable[str] = (),
+    port: int = 0,
 ) -> Iterator[tuple[int, ZoneResolver]]:
-    """Serve ``zone`` on 127.0.0.1; yields (port, resolver with the queries it saw)."""
+    """Serve ``zone`` on 127.0.0.1 (on ``port``, or a free one); yields (port, resolver
+    with the queries it saw)."""
     resolver = ZoneResolver(zone, servfail, silent)
-    port = _free_udp_tcp_port()
+    port = port or _free_udp_tcp_port()
     quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
     udp = DNSServer(resolver, port=port, address="127.0.0.1", logger=quiet)
     tcp = DNSServer(resolver, port=port, address="127.0.0.1", tcp=True, logger=quiet)
