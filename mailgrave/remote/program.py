@@ -42,10 +42,10 @@ class Sessions:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        # (address, port, opened under an MTA-STS policy: TLS verified) -> sessions
-        self.idle: dict[tuple[str, int, bool], list[tuple[float, Client]]] = {}
+        # (address, port, the MTA-STS mode it was opened under, or "") -> sessions
+        self.idle: dict[tuple[str, int, str], list[tuple[float, Client]]] = {}
 
-    def take(self, key: tuple[str, int, bool]) -> Client | None:
+    def take(self, key: tuple[str, int, str]) -> Client | None:
         with self.lock:
             pool = self.idle.get(key, [])
             while pool:
@@ -55,7 +55,7 @@ class Sessions:
                 client.quit()
         return None
 
-    def give(self, key: tuple[str, int, bool], client: Client) -> None:
+    def give(self, key: tuple[str, int, str], client: Client) -> None:
         with self.lock:
             total = sum(len(p) for p in self.idle.values())
             if total >= CACHE_MAX:
@@ -70,6 +70,20 @@ class Sessions:
                     if everything or time.monotonic() - since >= CACHE_IDLE:
                         pool.remove((since, client))
                         client.quit()
+
+
+def sts_failure(policy: Policy, host: str, reason: str) -> None:
+    """One log line for what an MTA-STS policy does not allow (RFC 8461 §5):
+    its domain and mode, the MX host, why, and what is done about it."""
+    outcome = "not used" if policy.mode == "enforce" else "delivering anyway"
+    log.warning(
+        "MTA-STS policy of %s, mode %s: MX %s: %s; %s",
+        policy.domain,
+        policy.mode,
+        host,
+        reason,
+        outcome,
+    )
 
 
 class Delivery:
@@ -123,23 +137,21 @@ class Delivery:
         policy = self.policies.lookup(domain)
         if policy is None:
             return None, destinations
-        refused = [h.host for h in destinations if not policy.allows(h.host)]
-        if refused:
-            log.warning(
-                "MTA-STS policy of %s (%s): MX host(s) %s not in the policy%s",
-                domain,
-                policy.mode,
-                ", ".join(refused),
-                "; not used" if policy.mode == "enforce" else "; used anyway (testing)",
-            )
+        for hop in destinations:
+            if not policy.allows(hop.host):
+                sts_failure(policy, hop.host, "not in the policy")
         if policy.mode != "enforce":
             return policy, destinations
         return policy, [h for h in destinations if policy.allows(h.host)]
 
-    def _open(self, hop: Hop, address: str, plain: bool = False, sts: bool = False) -> Client:
-        """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS;
-        ``sts``: an MTA-STS policy in enforce mode: STARTTLS with a certificate
-        that verifies for the MX host name, or no delivery."""
+    def _open(
+        self, hop: Hop, address: str, plain: bool = False, sts: Policy | None = None
+    ) -> Client:
+        """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS.
+        ``sts``: the MTA-STS policy of the domain (RFC 8461 §4.2, §5): in enforce
+        mode STARTTLS with a certificate that verifies for the MX host name, or
+        no delivery; in testing mode the same is tried, and what fails is logged
+        (``sts_failure``) and the delivery goes on as remote.tls says."""
         helo = self.config.remote.helo or self.config.hostname
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -156,37 +168,58 @@ class Delivery:
                 f"connect to {name} failed: {exc.strerror or exc}", "connect", False, status="4.4.1"
             ) from None
         client = Client(sock, name, self.timeouts)
+        configured = self.config.remote.tls
+        smart = hop.smarthost or bool(self.override and self.login)
+        if smart and configured != "none":
+            configured = "verify"  # a smarthost's certificate is verified by default
+        enforce = sts is not None and sts.mode == "enforce"
+        # Testing mode tries what enforce requires, and only logs what fails; not
+        # when remote.tls already requires as much, or wants no TLS at all.
+        testing = sts is not None and not enforce and configured in ("opportunistic", "required")
+        policy = "verify" if enforce or testing else configured
+        why = "MTA-STS policy in enforce mode" if enforce else f"remote.tls: {configured}"
         try:
             client.greet(helo)
-            policy = self.config.remote.tls
-            smart = hop.smarthost or bool(self.override and self.login)
-            if smart and policy != "none":
-                policy = "verify"  # a smarthost's certificate is verified by default
-            if sts:
-                policy = "verify"
-            why = "MTA-STS policy in enforce mode" if sts else f"remote.tls: {policy}"
             offered = "STARTTLS" in client.extensions
+            if testing and not offered:
+                assert sts is not None
+                sts_failure(sts, hop.host, f"{name} does not offer STARTTLS")
+                policy = configured
             if policy in ("required", "verify") and not offered:
+                if enforce:
+                    assert sts is not None
+                    sts_failure(sts, hop.host, f"{name} does not offer STARTTLS")
                 raise SMTPError(
                     f"{name} does not offer STARTTLS ({why})",
                     "STARTTLS",
                     False,
-                    status="4.7.5" if sts else "4.7.4",
+                    status="4.7.5" if enforce else "4.7.4",
                 )
             if offered and policy != "none" and not plain:
                 verify = policy == "verify"
                 try:
                     client.starttls(self._context(verify), hop.host if verify else None, helo)
                 except SMTPError as exc:
-                    if sts and exc.reply is None:
+                    if enforce and exc.reply is None:
+                        assert sts is not None
+                        sts_failure(sts, hop.host, exc.text)
                         exc.text, exc.status = f"{exc.text} ({why})", "4.7.5"
-                    if policy != "opportunistic":
+                    if testing:
+                        assert sts is not None
+                        sts_failure(sts, hop.host, exc.text)
+                        if exc.reply is None:  # the handshake failed: the session is lost
+                            client.quit()
+                            return self._open(hop, address)  # as remote.tls says
+                        if configured == "required":
+                            raise
+                    elif policy != "opportunistic":
                         raise
-                    # as Postfix's "may": better plaintext than no delivery at all
-                    log.info("%s; trying again without TLS", exc.text)
-                    if exc.reply is None:  # the handshake failed: the session is lost
-                        client.quit()
-                        return self._open(hop, address, plain=True)
+                    else:
+                        # as Postfix's "may": better plaintext than no delivery at all
+                        log.info("%s; trying again without TLS", exc.text)
+                        if exc.reply is None:  # the handshake failed: the session is lost
+                            client.quit()
+                            return self._open(hop, address, plain=True)
             if smart and self.login:
                 client.auth(self.login, smarthost_password(self.config))
         except BaseException as exc:
@@ -207,7 +240,7 @@ class Delivery:
         except DeliveryError as exc:
             return [exc.result()] * len(rcpts), []
         sts_policy, allowed = self._mta_sts(domain, destinations)
-        enforce = sts_policy is not None and sts_policy.mode == "enforce"
+        sts_mode = sts_policy.mode if sts_policy is not None else ""
         if not allowed:
             names = ", ".join(h.host for h in destinations)
             text = f"MTA-STS policy of {domain} (enforce) allows none of its MX hosts ({names})"
@@ -219,13 +252,13 @@ class Delivery:
         last = Result("Z", "4.4.1", "no host could be reached")
         for hop in destinations:
             for address in hop.addresses:
-                key = (address, hop.port, enforce)
+                key = (address, hop.port, sts_mode)
                 for attempt in range(2):
                     client = self.sessions.take(key) if attempt == 0 else None
                     fresh = client is None
                     try:
                         if client is None:
-                            client = self._open(hop, address, sts=enforce)
+                            client = self._open(hop, address, sts=sts_policy)
                         start = len(client.transcript)
                         results = client.deliver(
                             sender,
