@@ -25,7 +25,7 @@ from mailgrave.config import Config
 from mailgrave.envelope import Envelope
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, Result, exit_for
 from mailgrave.proc import serve_threads
-from mailgrave.remote.client import Client, SMTPError, Timeouts, wire_format
+from mailgrave.remote.client import Client, SMTPError, Timeouts, header_is_ascii, wire_format
 from mailgrave.remote.mtasts import Policies, Policy
 from mailgrave.remote.route import Hop, hops, route_for, smarthost_password, split_spec
 from mailgrave.sd import listen_fds, stdin_socket
@@ -70,6 +70,17 @@ class Sessions:
                     if everything or time.monotonic() - since >= CACHE_IDLE:
                         pool.remove((since, client))
                         client.quit()
+
+
+def needs_smtputf8(sender: str, rcpts: list[str], fd: int, envelope: Envelope | None) -> bool:
+    """Whether the next hop must offer SMTPUTF8 (RFC 6531 §3.2, as Postfix decides
+    it): a UTF-8 local part in the envelope, or, when the client declared
+    SMTPUTF8, raw UTF-8 in the header section (RFC 6532: addresses or display
+    names in From:, To:, Subject: ...). A message that declared it but is ASCII
+    throughout (its body aside) goes to any server, without SMTPUTF8."""
+    if any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts]):
+        return True
+    return envelope is not None and envelope.utf8 and not header_is_ascii(blocks(fd))
 
 
 def sts_failure(policy: Policy, host: str, reason: str) -> None:
@@ -247,7 +258,7 @@ class Delivery:
             return [Result("Z", "4.7.5", text)] * len(rcpts), []
         destinations = allowed
         size = message_size(fd)
-        needs_utf8 = any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts])
+        needs_utf8 = needs_smtputf8(sender, rcpts, fd, envelope)
         transcript: list[str] = []
         last = Result("Z", "4.4.1", "no host could be reached")
         for hop in destinations:
@@ -331,14 +342,15 @@ def serve(delivery: Delivery, listeners: list[socket.socket], idle_exit: float) 
     return EXIT_OK
 
 
-def by_hand(delivery: Delivery, sender: str, rcpts: list[str]) -> int:
-    fd = scratch_entry(sys.stdin.buffer, Envelope(sender, tuple(rcpts)).encode())
+def by_hand(delivery: Delivery, sender: str, rcpts: list[str], utf8: bool = False) -> int:
+    fd = scratch_entry(sys.stdin.buffer, Envelope(sender, tuple(rcpts), utf8=utf8).encode())
     by_domain: dict[str, list[str]] = {}
     for r in rcpts:
         by_domain.setdefault(r.rpartition("@")[2].lower(), []).append(r)
     every = []
     for group in by_domain.values():
-        results, transcript = delivery.deliver(sender, group, fd)
+        flag = Envelope(sender, tuple(group), utf8=True) if utf8 else None
+        results, transcript = delivery.deliver(sender, group, fd, flag)
         for line in transcript:
             print(f"|{line}")
         for rcpt, result in zip(group, results, strict=True):
@@ -361,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relay", metavar="HOST", help="smarthost (with --port, --login)")
     parser.add_argument("--port", type=int, help="port for --relay")
     parser.add_argument("--login", help="AUTH login; the password comes from SMTP_AUTH_PASSWORD")
+    parser.add_argument(
+        "--smtputf8",
+        action="store_true",
+        help="the sender used SMTPUTF8 (by hand): UTF-8 in the header then needs it",
+    )
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
@@ -371,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         override = f"{args.relay}:{args.port or config.remote.smarthost.port}"
     delivery = Delivery(config, override, args.login)
     if args.recipients:
-        return by_hand(delivery, args.sender, args.recipients)
+        return by_hand(delivery, args.sender, args.recipients, args.smtputf8)
     listeners = listen_fds()
     if listeners:
         return serve(delivery, listeners, config.queue.idle_exit)
