@@ -321,6 +321,40 @@ def test_pct_sampling_with_an_injected_roll(dns_port: int) -> None:
     assert (clause.result, refuse, rolls) == ("pass", False, [])
 
 
+def test_relay_networks_clients_are_not_checked(
+    tmp_path: Path, processes: Processes, dns_port: int, key: tuple[bytes, str]
+) -> None:
+    # "port 25 only; not for authenticated or relay_networks clients": the same
+    # forged message (SPF -all, a broken signature, From: a p=reject domain)
+    # under enforce is taken from 127.0.0.1 (relay_networks) without any
+    # Authentication-Results: of ours, and refused from 127.0.0.2 (outside).
+    inst = Instance(
+        tmp_path,
+        relay_networks=["127.0.0.1/32"],
+        checks={"spf": "enforce", "dkim": "enforce", "dmarc": "enforce"},
+        remote={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"}},
+    )
+    port = free_port()
+    inst.start(processes, listen=f"127.0.0.1:{port}")
+    forged = sign(message("a@signed.test", "from a relay client"), key[0])
+    forged = forged.replace(b"there.", b"THERE!")
+    send(port, "a@fail.test", forged)
+    mark = b"Subject: from a relay client\n"
+    wait_for(lambda: any(mark in m for m in inst.messages("alice")), timeout=60)
+    raw = next(m for m in inst.messages("alice") if mark in m)
+    assert auth_results(raw) == []
+    outside = forged.replace(b"from a relay client", b"from outside")
+    with smtplib.SMTP("127.0.0.1", port, timeout=60, source_address=("127.0.0.2", 0)) as smtp:
+        smtp.ehlo("client.test")
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            smtp.sendmail("a@fail.test", ["alice@example.org"], outside)
+        assert refused.value.smtp_code == 550  # SPF fail, at MAIL FROM
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            smtp.sendmail("a@signed.test", ["alice@example.org"], outside)  # no SPF record
+        assert info.value.smtp_code == 550 and info.value.smtp_error.startswith(b"5.7.1")
+    assert not any(b"Subject: from outside" in m for m in inst.messages("alice"))
+
+
 def queue_pid(run_pid: int) -> int:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
