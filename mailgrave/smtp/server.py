@@ -90,6 +90,7 @@ class MessageStart(Record):
     envid: str = ""
     notify: tuple[str, ...] = ()
     orcpt: tuple[str, ...] = ()
+    utf8: bool = False  # SMTPUTF8 on MAIL FROM (RFC 6531)
 
 
 @record
@@ -956,6 +957,7 @@ class Server:
                 self.envid,
                 tuple(d[0] for d in dsn),
                 tuple(d[1] for d in dsn),
+                self.utf8,
             )
         )
 

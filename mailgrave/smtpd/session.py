@@ -518,7 +518,9 @@ class Session:
             self.queue = QueueClient(
                 self.config.socket_path("queue.ctrl"),
                 attrs=attrs,
-                envelope=Envelope(ev.sender, ev.recipients, ev.ret, ev.envid, ev.notify, ev.orcpt),
+                envelope=Envelope(
+                    ev.sender, ev.recipients, ev.ret, ev.envid, ev.notify, ev.orcpt, ev.utf8
+                ),
             )
         except (TempFail, OSError, ValueError) as exc:
             log.warning("cannot submit to the queue: %s", exc)
