@@ -4,17 +4,22 @@ A script in bench/ rather than pytest: it runs for minutes, is not part of
 `make test`, and prints one table. Its parts are the integration tests of
 each item (run with pytest, each a case with its expected reply) and an
 in-process fuzz of the protocol core (mutations of the real dialogs in
-tests/integration/dialogs/). Bounded: a fixed number of inputs and pytest
-parts that stop by themselves.
+tests/integration/dialogs/), and kill -9 of each stage under load (one row per
+stage; the harness is tests/integration/killstages.py, whose short form runs in
+`make test`). Bounded: a fixed number of inputs and messages, pytest parts that
+stop by themselves, and a bounded wait for each spool to drain.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mailgrave.smtp import server as S  # noqa: E402
+from tests.integration import killstages  # noqa: E402
 from tests.unit.test_smtp_server import FakePolicy  # noqa: E402
 
 PARTS = [
@@ -126,22 +132,57 @@ def pytest_part(name: str, path: str) -> list[object]:
     return [name, cases, "-", "-", "-", "-", wrong, crashes, 0]
 
 
+def kill_parts(total: int, stages: list[str], seed: int) -> tuple[list[list[object]], bool]:
+    """One row per stage killed, ``total`` messages split evenly among them; the
+    details (kills, duplicates per kill, half-visible, debris) go to stderr."""
+    base = Path(tempfile.mkdtemp(prefix="mailgrave-stress-"))
+    os.chmod(base, 0o711)
+    rows, bad = [], False
+    try:
+        for stage in stages:
+            out = killstages.run_stage(base / stage, stage, total // len(stages), seed=seed)
+            print(out.detail(), file=sys.stderr, flush=True)
+            rows.append(out.row())
+            bad |= bool(out.lost or out.half_visible)
+    finally:
+        if not os.environ.get("MAILGRAVE_KEEP_TEST_DIRS"):
+            shutil.rmtree(base, ignore_errors=True)
+    return rows, bad
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fuzz", type=int, default=1_000_000, help="inputs for the core fuzz")
     ap.add_argument("--seed", type=int, default=13)
-    ap.add_argument("--skip-tests", action="store_true", help="the fuzz part only")
+    ap.add_argument("--skip-tests", action="store_true", help="no pytest parts")
+    ap.add_argument(
+        "--kill-messages",
+        type=int,
+        default=10_000,
+        help="messages for the kill -9 rows, split among the stages (0: none)",
+    )
+    ap.add_argument(
+        "--kill-stages",
+        default=",".join(killstages.STAGES),
+        help="the stages to kill, comma-separated (default: every one)",
+    )
     args = ap.parse_args()
     rows = []
     if not args.skip_tests:
         rows += [pytest_part(name, path) for name, path in PARTS]
-    rows.append(fuzz(args.fuzz, args.seed))
+    if args.fuzz:
+        rows.append(fuzz(args.fuzz, args.seed))
+    kill_bad = False
+    if args.kill_messages:
+        stages = [s for s in args.kill_stages.split(",") if s]
+        kill_rows, kill_bad = kill_parts(args.kill_messages, stages, args.seed)
+        rows += kill_rows
     widths = [max(len(str(r[i])) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-    bad = any(r[6] or r[7] or r[8] for r in rows)
+    bad = kill_bad or any(r[6] or r[7] or r[8] or (r[4] not in ("-", 0)) for r in rows)
     return 1 if bad else 0
 
 
