@@ -128,8 +128,10 @@ bench: venv
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -S bench/forkfloor.py
 
 # Faults and hostile input (issue 13; root for the tmpfs parts): the relay
-# battery, the hostile corpus, slowness and floods, a full disk, and
-# STRESS_FUZZ (1,000,000) fuzzed inputs to the protocol core; one table.
+# battery, the hostile corpus, slowness and floods, a full disk,
+# STRESS_FUZZ (1,000,000) fuzzed inputs to the protocol core, and kill -9 of
+# each stage during STRESS_KILL (10,000) messages, split among the stages; one table.
 STRESS_FUZZ ?= 1000000
+STRESS_KILL ?= 10000
 stress: venv
-	$(BIN)/python bench/stress.py --fuzz $(STRESS_FUZZ)
+	$(BIN)/python bench/stress.py --fuzz $(STRESS_FUZZ) --kill-messages $(STRESS_KILL)

@@ -4,8 +4,10 @@ A script in bench/ rather than pytest: it runs for minutes, is not part of
 `make test`, and prints one table. Its parts are the integration tests of
 each item (run with pytest, each a case with its expected reply) and an
 in-process fuzz of the protocol core (mutations of the real dialogs in
-tests/integration/dialogs/). Bounded: a fixed number of inputs and pytest
-parts that stop by themselves.
+tests/integration/dialogs/), and kill -9 of each stage under load (one row per
+stage; the harness is tests/integration/killstages.py, whose short form runs in
+`make test`). Bounded: a fixed number of inputs and messages, pytest parts that
+stop by themselves, and a bounded wait for each spool to drain.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mailgrave.smtp import server as S  # noqa: E402
+from tests.integration import killstages  # noqa: E402
 from tests.unit.test_smtp_server import FakePolicy  # noqa: E402
 
 PARTS = [
@@ -182,25 +186,60 @@ def reported(extra: list[list[object]]) -> tuple[list[list[object]], list[list[o
     return rows, rss
 
 
+def kill_parts(total: int, stages: list[str], seed: int) -> tuple[list[list[object]], bool]:
+    """One row per stage killed, ``total`` messages split evenly among them; the
+    details (kills, duplicates per kill, half-visible, debris) go to stderr."""
+    base = Path(tempfile.mkdtemp(prefix="mailgrave-stress-"))
+    os.chmod(base, 0o711)
+    rows, bad = [], False
+    try:
+        for stage in stages:
+            out = killstages.run_stage(base / stage, stage, total // len(stages), seed=seed)
+            print(out.detail(), file=sys.stderr, flush=True)
+            rows.append(out.row())
+            bad |= bool(out.lost or out.half_visible)
+    finally:
+        if not os.environ.get("MAILGRAVE_KEEP_TEST_DIRS"):
+            shutil.rmtree(base, ignore_errors=True)
+    return rows, bad
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fuzz", type=int, default=1_000_000, help="inputs for the core fuzz")
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--jobs", type=int, default=0, help="fuzz processes (default: CPUs)")
-    ap.add_argument("--skip-tests", action="store_true", help="the fuzz part only")
+    ap.add_argument("--skip-tests", action="store_true", help="no pytest parts")
+    ap.add_argument(
+        "--kill-messages",
+        type=int,
+        default=10_000,
+        help="messages for the kill -9 rows, split among the stages (0: none)",
+    )
+    ap.add_argument(
+        "--kill-stages",
+        default=",".join(killstages.STAGES),
+        help="the stages to kill, comma-separated (default: every one)",
+    )
     args = ap.parse_args()
     rows: list[list[object]] = []
     extra: list[list[object]] = []
     if not args.skip_tests:
         rows += [pytest_part(name, path, extra) for name, path in PARTS]
-    rows.append(fuzz(args.fuzz, args.seed, args.jobs))
+    if args.fuzz:
+        rows.append(fuzz(args.fuzz, args.seed, args.jobs))
+    kill_bad = False
+    if args.kill_messages:
+        stages = [s for s in args.kill_stages.split(",") if s]
+        kill_rows, kill_bad = kill_parts(args.kill_messages, stages, args.seed)
+        rows += kill_rows
     own, rss = reported(extra)
     rows += own
     table(COLUMNS, rows)
     if rss:
         print()
         table(RSS_COLUMNS, rss)
-    bad = any(r[6] or r[7] or r[8] for r in rows)
+    bad = kill_bad or any(r[6] or r[7] or r[8] or (r[4] not in ("-", 0)) for r in rows)
     return 1 if bad else 0
 
 
