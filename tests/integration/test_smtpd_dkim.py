@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import smtplib
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import authres.dmarc  # type: ignore[import-untyped]
 import dkim  # type: ignore[import-untyped]
 import pytest
 
-from tests.conftest import Instance, Processes, free_port, wait_for
+from tests.conftest import Instance, Processes, free_port, program, wait_for
 from tests.integration.dnsserver import dns_server
 
 AUTHRES = authres.FeatureContext(authres.dmarc)  # the dmarc method's header.from
@@ -353,6 +354,62 @@ def test_relay_networks_clients_are_not_checked(
             smtp.sendmail("a@signed.test", ["alice@example.org"], outside)  # no SPF record
         assert info.value.smtp_code == 550 and info.value.smtp_error.startswith(b"5.7.1")
     assert not any(b"Subject: from outside" in m for m in inst.messages("alice"))
+
+
+def test_authenticated_submission_is_not_checked(
+    tmp_path: Path, processes: Processes, dns_port: int, key: tuple[bytes, str]
+) -> None:
+    # The other half of "not for authenticated or relay_networks clients": the
+    # forged message of the test above, under enforce, from 127.0.0.1 outside
+    # relay_networks, is taken on the smtps port after AUTH (no
+    # Authentication-Results: of ours) and refused on port 25 without it.
+    import ssl
+    import subprocess as sp
+
+    from tests.integration.test_submission import PASSWORD, add_user, insecure, make_cert
+
+    cert, tls_key = make_cert(tmp_path)
+    inst = Instance(
+        tmp_path,
+        relay_networks=["192.0.2.0/24"],
+        checks={"spf": "enforce", "dkim": "enforce", "dmarc": "enforce"},
+        smtpd={"tls": {"certificate": str(cert), "key": str(tls_key)}},
+        auth={
+            "users_file": str(tmp_path / "users"),
+            "senders": {"carol": ["@fail.test", "@signed.test"]},
+        },
+        remote={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"}},
+    )
+    add_user(inst, "carol", PASSWORD)
+    port, smtps = free_port(), free_port()
+    args = [program("mailgrave"), "--config", str(inst.config_path), "run"]
+    args += ["--listen", f"127.0.0.1:{port}", "--smtps", f"127.0.0.1:{smtps}"]
+    with (tmp_path / "run.log").open("wb") as log:
+        proc = processes.start(args, stdout=sp.DEVNULL, stderr=log)
+    wait_for(lambda: connectable(smtps) or proc.poll() is not None)
+    assert proc.poll() is None, (tmp_path / "run.log").read_text()
+    forged = sign(message("a@signed.test", "from carol"), key[0]).replace(b"there.", b"THERE!")
+    ctx: ssl.SSLContext = insecure()
+    with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=60, context=ctx) as smtp:
+        smtp.login("carol", PASSWORD)
+        smtp.sendmail("a@fail.test", ["alice@example.org"], forged)
+    mark = b"Subject: from carol\n"
+    wait_for(lambda: any(mark in m for m in inst.messages("alice")), timeout=60)
+    raw = next(m for m in inst.messages("alice") if mark in m)
+    assert auth_results(raw) == []
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            smtp.sendmail("a@fail.test", ["alice@example.org"], forged)
+        assert refused.value.smtp_code == 550  # SPF fail, at MAIL FROM
+
+
+def connectable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def queue_pid(run_pid: int) -> int:
