@@ -341,6 +341,9 @@ class RateLimit(Record):
 @record
 class Auth(Record):
     users_file: str = _opt(_nonempty_str, "/etc/mailgrave/users")
+    # A running Dovecot's auth socket (unix_listener of service auth): when set, it
+    # checks AUTH PLAIN and LOGIN credentials instead of users_file.
+    dovecot_socket: str = _opt(_str, "")
     # login -> the envelope senders and From: domains it may use (address or
     # @domain); a login without an entry: login@ each local domain.
     senders: Mapping[str, tuple[str, ...]] = _opt(_mapping(_addresses), _FrozenDict())

@@ -28,7 +28,7 @@ from mailgrave.record import Record, record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import BinaryIO
 
 CHUNK = 64 * 1024
@@ -307,12 +307,27 @@ def request(
     message_path: str,
     agents: Agents,
     envelope: Envelope | None = None,
+    on_results: Callable[[int, list[Result], list[str]], None] | None = None,
 ) -> tuple[list[Result], list[str]]:
     """mailgrave-send's side: one request over local.ctrl / remote.ctrl; the result
     for each recipient, in order, and the agent's transcript of the attempt
-    (``envelope``: the same sender and recipients with their DSN parameters)."""
+    (``envelope``: the same sender and recipients with their DSN parameters).
+
+    ``on_results(first, results, transcript)`` is called as results arrive, with
+    the index of the first of them and the transcript so far, before the next
+    read from the agent (and once more for the recipients the agent left
+    unanswered), so that the caller can record each one while the others are
+    still being delivered."""
     transcript: list[str] = []
     results: list[Result] = []
+    reported = 0
+
+    def report() -> None:
+        nonlocal reported
+        first, reported = reported, len(results)
+        if on_results is not None and reported > first:
+            on_results(first, results[first:], transcript)
+
     buf = bytearray()
     fd = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
     sock = agents.get(socket_path)
@@ -323,15 +338,20 @@ def request(
             try:
                 sock.connect(socket_path)
             except OSError:
+                sock.close()
+                sock = None
                 name = os.path.basename(socket_path)
                 unreachable = Result("Z", "4.3.0", f"delivery agent unreachable ({name})")
-                return [unreachable] * len(rcpts), transcript
+                results = [unreachable] * len(rcpts)
+                report()
+                return results, transcript
         send_fds(sock, encode_request(qid, sender, rcpts, envelope), [fd])
         while len(results) < len(rcpts):
             end = buf.find(b"\n")
             if end < 0:
                 if len(buf) > 65536:
                     break
+                report()
                 data = sock.recv(65536)
                 if not data:
                     break
@@ -356,4 +376,5 @@ def request(
     missing = len(rcpts) - len(results)
     if missing:
         results += [Result("Z", "4.3.0", "delivery agent ended without an answer")] * missing
+    report()
     return results, transcript

@@ -7,6 +7,10 @@ it is set, so an envelope without DSN parameters is exactly qmail's, and a
 reader that knows only ``F`` and ``T`` refuses one with them (it does not
 start with ``T``) instead of dropping them silently. Values are stored
 xtext-decoded and hold no control characters.
+
+And for SMTPUTF8 (RFC 6531): after the ``F`` field, ``U`` alone (an empty
+value) when the client declared SMTPUTF8 on MAIL FROM, so that the next hop
+is asked for it when the message needs it (see mailgrave.remote).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Envelope(Record):
     envid: str = ""
     notify: tuple[str, ...] = ()  # "", NEVER or e.g. "SUCCESS,FAILURE"
     orcpt: tuple[str, ...] = ()  # "" or "rfc822;user@example.org"
+    utf8: bool = False  # SMTPUTF8 was declared on MAIL FROM (RFC 6531)
 
     def notify_of(self, i: int) -> str:
         return self.notify[i] if i < len(self.notify) else ""
@@ -73,6 +78,8 @@ class Envelope(Record):
             parts.append(field("R", self.ret))
         if self.envid:
             parts.append(field("E", self.envid))
+        if self.utf8:
+            parts.append(field("U", ""))
         for i, r in enumerate(self.recipients):
             parts.append(field("T", r))
             if self.notify_of(i):
@@ -99,6 +106,7 @@ def decode(data: bytes, *, validate: bool = True) -> Envelope:
     notify: list[str] = []
     orcpt: list[str] = []
     ret = envid = ""
+    utf8 = False
     for field in texts[1:]:
         tag, value = field[:1], field[1:]
         if tag == "T":
@@ -109,12 +117,14 @@ def decode(data: bytes, *, validate: bool = True) -> Envelope:
             ret = value
         elif tag == "E" and not recipients and not envid and dsn_text_ok(value, MAX_ENVID):
             envid = value
+        elif tag == "U" and not recipients and not utf8 and not value:
+            utf8 = True
         elif tag == "N" and recipients and not notify[-1] and valid_notify(value):
             notify[-1] = value
         elif tag == "O" and recipients and not orcpt[-1] and dsn_text_ok(value, MAX_ORCPT):
             orcpt[-1] = value
         else:
-            raise EnvelopeError("envelope field does not start with T (or a bad DSN field)")
+            raise EnvelopeError("envelope field does not start with T (or a bad DSN or U field)")
     if not recipients:
         raise EnvelopeError("envelope has no recipients")
     if validate:
@@ -131,6 +141,7 @@ def decode(data: bytes, *, validate: bool = True) -> Envelope:
         envid,
         tuple(notify) if any(notify) else (),
         tuple(orcpt) if any(orcpt) else (),
+        utf8,
     )
 
 

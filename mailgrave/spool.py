@@ -367,6 +367,7 @@ class Entry(Record):
     ret: str = ""  # DSN RET: "", FULL or HDRS
     envid: str = ""  # DSN ENVID
     reported: list[str] = factory(list)  # recipients whose success report is queued
+    utf8: bool = False  # SMTPUTF8 was declared on MAIL FROM (RFC 6531)
 
     def envelope(self, recipients: list[Recipient] | tuple[Recipient, ...]) -> Envelope:
         """The envelope for a delivery request to some of its recipients."""
@@ -378,6 +379,7 @@ class Entry(Record):
             self.envid,
             tuple(r.notify for r in recipients) if dsn else (),
             tuple(r.orcpt for r in recipients) if dsn else (),
+            self.utf8,
         )
 
     def next_attempt(self) -> float | None:
@@ -399,6 +401,7 @@ class Entry(Record):
             "ret": self.ret,
             "envid": self.envid,
             "reported": self.reported,
+            "smtputf8": self.utf8,
             "recipients": [
                 {name: getattr(r, name) for name in Recipient._fields} for r in self.recipients
             ],
@@ -426,6 +429,7 @@ class Entry(Record):
             ret=str(data.get("ret", "")),
             envid=str(data.get("envid", "")),
             reported=list(data.get("reported", [])),
+            utf8=bool(data.get("smtputf8", False)),
         )
 
 
@@ -499,7 +503,14 @@ class Spool:
             for i, addr in enumerate(env.recipients)
         ]
         return Entry(
-            qid, env.sender, recipients, qid_time(qid), found[1], ret=env.ret, envid=env.envid
+            qid,
+            env.sender,
+            recipients,
+            qid_time(qid),
+            found[1],
+            ret=env.ret,
+            envid=env.envid,
+            utf8=env.utf8,
         )
 
     def read_entry(self, qid: str) -> Entry | None:

@@ -111,6 +111,8 @@ def _check_auth(config: configmod.Config, path: str) -> list[str]:
     import stat
 
     problems = []
+    if config.auth.dovecot_socket:
+        return _check_dovecot(config, path)
     users = config.auth.users_file
     try:
         st = os.stat(users)
@@ -136,6 +138,48 @@ def _check_auth(config: configmod.Config, path: str) -> list[str]:
         rate = config.auth.rate_limit
         if (rate.messages or rate.recipients) and not os.path.isdir(rate.directory):
             problems.append(f"{path}: auth.rate_limit.directory: no directory {rate.directory}")
+    return problems
+
+
+def _check_dovecot(config: configmod.Config, path: str) -> list[str]:
+    """auth.dovecot_socket: a socket that speaks Dovecot's auth protocol and offers PLAIN.
+
+    Dovecot not running now is a warning (AUTH answers 454 until it runs), not a problem."""
+    import stat
+
+    from mailgrave import dovecot
+
+    problems = []
+    sock = config.auth.dovecot_socket
+    rate = config.auth.rate_limit
+    if (rate.messages or rate.recipients) and not os.path.isdir(rate.directory):
+        problems.append(f"{path}: auth.rate_limit.directory: no directory {rate.directory}")
+    if not config.smtpd.tls.certificate:
+        problems.append(
+            f"{path}: auth.dovecot_socket: AUTH is offered over TLS only: set smtpd.tls"
+        )
+    try:
+        st = os.stat(sock)
+    except OSError as exc:
+        print(
+            f"{path}: auth.dovecot_socket: warning: {sock}: {exc.strerror} "
+            "(is Dovecot running? AUTH answers 454 until it is)",
+            file=sys.stderr,
+        )
+        return problems
+    if not stat.S_ISSOCK(st.st_mode):
+        problems.append(f"{path}: auth.dovecot_socket: {sock} is not a socket")
+        return problems
+    try:
+        mechs = dovecot.mechanisms(sock)
+    except dovecot.DovecotError as exc:
+        if "cannot connect" in str(exc):
+            print(f"{path}: auth.dovecot_socket: warning: {exc}", file=sys.stderr)
+        else:
+            problems.append(f"{path}: auth.dovecot_socket: {sock}: {exc}")
+        return problems
+    if "PLAIN" not in mechs:
+        problems.append(f"{path}: auth.dovecot_socket: Dovecot on {sock} does not offer PLAIN")
     return problems
 
 

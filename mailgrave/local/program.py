@@ -52,6 +52,26 @@ MAX_FORWARD = 64 * 1024
 # Descriptors a delivery child must not keep once it is the recipient (the
 # local.ctrl connection: nobody but this process answers for the request).
 _private_fds: set[int] = set()
+# The local.ctrl connection being served (None: by hand), looked at before each
+# delivery starts: see requester_gone().
+_requester: list[socket.socket] = []
+
+
+def requester_gone() -> bool:
+    """Has mailgrave-send closed the connection whose request we serve? While it
+    waits for our results it sends nothing, so readable means gone (killed): a
+    delivery not yet started is then not started, since nobody would record it
+    and the next send run delivers it again (a duplicate for nothing)."""
+    if not _requester:
+        return False
+    sock = _requester[0]
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def _prefix(sender: str, rcpt: str) -> bytes:
@@ -319,6 +339,9 @@ def _log_unexpected(exc: BaseException, what: str) -> None:
         log.debug("%s", text.rstrip("\n"))
 
 
+GONE = Result(TEMPORARY, "4.3.0", "mailgrave-send went away; not delivered")
+
+
 def _child_loop(config: Config, sock: socket.socket) -> None:
     """In a user child: answer requests until the parent closes the socketpair."""
     while True:
@@ -371,6 +394,9 @@ def _as_user(
             _children.pop(next(iter(_children))).close()
         child = _UserChild(config)
     fields = [op, target.kind, target.value, target.user, target.extension, sender, rcpt, qid]
+    if op == "deliver" and requester_gone():
+        _children[key] = child
+        return GONE.line()
     line = child.ask(fields, fd)
     if line is None:
         child.close()
@@ -431,6 +457,7 @@ def serve_connection(config: Config, sock: socket.socket) -> None:
 def _serve_requests(config: Config, sock: socket.socket) -> None:
     router = Router(config)
     _private_fds.add(sock.fileno())
+    _requester[:] = [sock]
     while True:
         req = ctrl.recv_request(sock)
         if req is None:
@@ -439,6 +466,9 @@ def _serve_requests(config: Config, sock: socket.socket) -> None:
             for rcpt in req.recipients:
                 if req.fd < 0:
                     result = Result(TEMPORARY, "4.3.0", "no message file in the request")
+                elif requester_gone():
+                    log.info("%s: mailgrave-send went away; %s not delivered", req.qid, rcpt)
+                    return
                 else:
                     result = deliver(config, router, req.fd, req.sender, rcpt, req.qid)
                 sock.sendall(ctrl.results_text([result]))

@@ -6,7 +6,10 @@ DKIM in bounded memory: :class:`mailgrave.queue.inbound.Inbound` hashes the
 body as it streams into the spool (relaxed or simple, ``l=``); dkimpy then
 verifies each signature over the header section alone, with our body hash
 standing in for its own (:class:`_HeaderVerifier`). Look-ups go through
-``remote.dns``; DNS trouble is temperror, never a pass.
+``remote.dns``; DNS trouble is temperror, never a pass. All the look-ups of one
+message share one ``remote.dns.timeout`` (:class:`Lookups`): a DNS server that
+never answers delays the reply to the final dot by that much, not once per
+signature.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import base64
 import email.utils
 import re
+import secrets
+import time
+from collections.abc import Callable
 from typing import Any
 
 import authres  # type: ignore[import-untyped]  # python3-authres
@@ -42,20 +48,51 @@ DMARC_TEMPFAIL = "4.7.5 DMARC policy could not be checked (DNS), try again later
 DKIM_TEMPFAIL = "4.7.5 DKIM signature could not be checked (DNS), try again later"
 
 
+# RFC 7489 §6.6.4: a message the pct= sample spares gets the next policy down.
+LOWER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+
+def percent(pct_tag: str | None) -> int:
+    """A ``pct=`` tag's value: 0-100; 100 when absent or malformed (RFC 7489
+    §6.3: a bad value gives way to the default)."""
+    if pct_tag and pct_tag.isdigit() and len(pct_tag) <= 3 and int(pct_tag) <= 100:
+        return int(pct_tag)
+    return 100
+
+
+def disposition(p: str, pct: int, roll: int) -> str:
+    """What a DMARC failure under policy ``p`` (none, quarantine, reject) and
+    ``pct`` comes to: the policy itself when the sample ``roll`` (0-99) is
+    below pct, else the next lower one (RFC 7489 §6.6.4)."""
+    return p if roll < pct else LOWER[p]
+
+
 class DnsTrouble(Exception):
     """A look-up failed for a reason other than "no such record"."""
 
 
-def txt(res: dns_resolver.Resolver, name: str) -> list[bytes]:
-    """The TXT records of ``name`` (each one's strings joined); [] when there are
-    none; DnsTrouble on a timeout or a failing server."""
-    try:
-        answers = res.resolve(name, "TXT", search=False)
-    except (dns_resolver.NoAnswer, dns_resolver.NXDOMAIN):
-        return []
-    except dns_exception.DNSException as exc:
-        raise DnsTrouble(type(exc).__name__) from None
-    return [b"".join(r.strings) for r in answers]
+class Lookups:
+    """The TXT look-ups of one message, on ``remote.dns``, within one time budget
+    (``remote.dns.timeout`` for all of them): once it is spent, every further
+    look-up is DnsTrouble at once."""
+
+    def __init__(self, config: configmod.Config) -> None:
+        self.res = resolver(config)
+        self.deadline = time.monotonic() + config.remote.dns.timeout
+
+    def txt(self, name: str) -> list[bytes]:
+        """The TXT records of ``name`` (each one's strings joined); [] when there
+        are none; DnsTrouble on a timeout, a failing server or a spent budget."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DnsTrouble("the DNS time of this message is spent")
+        try:
+            answers = self.res.resolve(name, "TXT", search=False, lifetime=left)
+        except (dns_resolver.NoAnswer, dns_resolver.NXDOMAIN):
+            return []
+        except dns_exception.DNSException as exc:
+            raise DnsTrouble(type(exc).__name__) from None
+        return [b"".join(r.strings) for r in answers]
 
 
 class _HeaderVerifier(dkim.DKIM):  # type: ignore[misc]
@@ -124,11 +161,13 @@ class DkimResult:
 class Checker:
     """DKIM and DMARC for one queue process (the public suffix list loaded once)."""
 
-    def __init__(self, config: configmod.Config) -> None:
+    def __init__(self, config: configmod.Config, roll: Callable[[], int] | None = None) -> None:
         self.config = config
         self.dkim_mode = config.checks.dkim
         self.dmarc_mode = config.checks.dmarc
         self._psl: Any = None
+        # the pct= sample: 0-99, uniform (injectable for tests)
+        self.roll = roll or (lambda: secrets.randbelow(100))
 
     @property
     def active(self) -> bool:
@@ -144,17 +183,17 @@ class Checker:
 
     # --- DKIM
 
-    def dkim(self, inbound: Inbound) -> list[DkimResult]:
+    def dkim(self, inbound: Inbound, lookups: Lookups | None = None) -> list[DkimResult]:
         """One result for each signature (at most MAX_SIGNATURES)."""
         header = bytes(inbound.header)
         if inbound.header_too_big:
             return [DkimResult("permerror", {}, "header section too big")]
         sigs = signatures(header)
         hashes = inbound.body_hashes()
-        res = resolver(self.config)
+        lookups = lookups or Lookups(self.config)
         results = []
         for idx, sig in enumerate(sigs):
-            results.append(self._verify(header, idx, sig, hashes, res))
+            results.append(self._verify(header, idx, sig, hashes, lookups))
         return results
 
     def _verify(
@@ -163,7 +202,7 @@ class Checker:
         idx: int,
         sig: dict[bytes, bytes],
         hashes: dict[BodyKey, bytes] | None,
-        res: dns_resolver.Resolver,
+        lookups: Lookups,
     ) -> DkimResult:
         key = body_key(sig)
         if not sig or key is None or not sig.get(b"d") or not sig.get(b"s"):
@@ -172,7 +211,7 @@ class Checker:
             return DkimResult("permerror", sig, "body line too long")
         name = b"%s._domainkey.%s" % (sig[b"s"], sig[b"d"])
         try:
-            records = txt(res, name.decode("ascii", "replace"))
+            records = lookups.txt(name.decode("ascii", "replace"))
         except DnsTrouble:
             return DkimResult("temperror", sig, "key lookup failed")
         if not records:
@@ -208,9 +247,9 @@ class Checker:
             return False
         return a == b if mode == "s" else self.org_domain(a) == self.org_domain(b)
 
-    def _policy(self, res: dns_resolver.Resolver, domain: str) -> dict[str, str] | None:
+    def _policy(self, lookups: Lookups, domain: str) -> dict[str, str] | None:
         """The DMARC record of ``domain`` as tags, or None."""
-        records = [r for r in txt(res, f"_dmarc.{domain}") if _DMARC1.match(r)]
+        records = [r for r in lookups.txt(f"_dmarc.{domain}") if _DMARC1.match(r)]
         if len(records) != 1:  # none, or several: no policy (RFC 7489 §6.6.3)
             return None
         tags = {}
@@ -221,7 +260,12 @@ class Checker:
         return tags
 
     def dmarc(
-        self, header: bytes, spf_result: str, spf_domain: str, dkims: list[DkimResult]
+        self,
+        header: bytes,
+        spf_result: str,
+        spf_domain: str,
+        dkims: list[DkimResult],
+        lookups: Lookups | None = None,
     ) -> tuple[Any, bool]:
         """(the dmarc clause, whether the message is to be refused by its policy);
         TempFail-worthy trouble is the clause temperror."""
@@ -231,13 +275,13 @@ class Checker:
                 result="permerror", result_comment="no single From: domain"
             )
             return clause, False
-        res = resolver(self.config)
+        lookups = lookups or Lookups(self.config)
         org = self.org_domain(from_domain)
         try:
-            policy = self._policy(res, from_domain)
+            policy = self._policy(lookups, from_domain)
             inherited = False
             if policy is None and org != from_domain:
-                policy, inherited = self._policy(res, org), True
+                policy, inherited = self._policy(lookups, org), True
         except DnsTrouble:
             return _dmarc_clause("temperror", from_domain), False
         if policy is None:
@@ -252,9 +296,24 @@ class Checker:
         p = policy.get("p", "none")
         if inherited and "sp" in policy:
             p = policy["sp"]
+        if p not in LOWER:
+            p = "none"  # an unknown policy asks for nothing (RFC 7489 §6.6.3)
         if spf_ok or dkim_ok:
             return _dmarc_clause("pass", from_domain, p), False
-        return _dmarc_clause("fail", from_domain, p), p == "reject"
+        pct = percent(policy.get("pct"))
+        dis = disposition(p, pct, self.roll())
+        if dis != p:
+            log.info(
+                "DMARC of %s: fail under p=%s pct=%s; not in the sample, disposition %s",
+                from_domain,
+                p,
+                pct,
+                dis,
+            )
+        # the policy and what it came to, as Gmail writes it: (p=reject pct=10 dis=quarantine);
+        # MailGrave has no quarantine: such a message is delivered, this note in its header
+        note = f"{p}{f' pct={pct}' if 'pct' in policy else ''} dis={dis}"
+        return _dmarc_clause("fail", from_domain, note), dis == "reject"
 
     # --- both, and the header
 
@@ -274,7 +333,8 @@ class Checker:
             if c.method == "spf":
                 spf_result = c.result
                 spf_domain = str(c.smtp_mailfrom or "").rpartition("@")[2].lower()
-        dkims = self.dkim(inbound)
+        lookups = Lookups(self.config)  # one time budget for the whole message
+        dkims = self.dkim(inbound, lookups)
         clauses = list(spf_clauses)
         if self.dkim_mode != "off":
             clauses += [d.clause() for d in dkims] or [
@@ -282,7 +342,8 @@ class Checker:
             ]
         refuse, temp = False, False
         if self.dmarc_mode != "off":
-            clause, refuse = self.dmarc(bytes(inbound.header), spf_result, spf_domain, dkims)
+            head = bytes(inbound.header)
+            clause, refuse = self.dmarc(head, spf_result, spf_domain, dkims, lookups)
             clauses.append(clause)
             temp = clause.result == "temperror"
         if self.dmarc_mode == "enforce" and refuse:

@@ -381,6 +381,25 @@ class Client:
             self.sock.close()
 
 
+def header_is_ascii(blocks: Iterator[bytes]) -> bool:
+    """Whether a message's header section (up to its first empty line) is all
+    ASCII: raw UTF-8 in it (RFC 6532) needs SMTPUTF8 at the next hop. Reads no
+    further than the header's end."""
+    prev = b"\n"  # a message that begins with an empty line has no header
+    for block in blocks:
+        data = prev + block
+        end = data.find(b"\n\n")
+        if end < 0:
+            end = data.find(b"\n\r\n")
+        head = data if end < 0 else data[:end]
+        if not head.isascii():
+            return False
+        if end >= 0:
+            return True
+        prev = data[-2:]
+    return True
+
+
 def wire_format(blocks: Iterator[bytes], dot_stuff: bool = True) -> Iterator[bytes]:
     """Spool form (LF) → SMTP DATA (CRLF, dot-stuffed), streamed in bounded memory:
     a long line is passed on in pieces, never collected whole. ``dot_stuff=False``

@@ -25,7 +25,7 @@ from mailgrave.config import Config
 from mailgrave.envelope import Envelope
 from mailgrave.errors import EXIT_OK, EXIT_TEMP, DeliveryError, Result, exit_for
 from mailgrave.proc import bind_unix, serve_threads
-from mailgrave.remote.client import Client, SMTPError, Timeouts, wire_format
+from mailgrave.remote.client import Client, SMTPError, Timeouts, header_is_ascii, wire_format
 from mailgrave.remote.mtasts import Policies, Policy
 from mailgrave.remote.route import (
     Hop,
@@ -68,10 +68,10 @@ class Sessions:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        # (address, port, opened under an MTA-STS policy: TLS verified) -> sessions
-        self.idle: dict[tuple[str, int, bool], list[tuple[float, Client]]] = {}
+        # (address, port, the MTA-STS mode it was opened under, or "") -> sessions
+        self.idle: dict[tuple[str, int, str], list[tuple[float, Client]]] = {}
 
-    def take(self, key: tuple[str, int, bool]) -> Client | None:
+    def take(self, key: tuple[str, int, str]) -> Client | None:
         with self.lock:
             pool = self.idle.get(key, [])
             while pool:
@@ -81,7 +81,7 @@ class Sessions:
                 client.quit()
         return None
 
-    def give(self, key: tuple[str, int, bool], client: Client) -> None:
+    def give(self, key: tuple[str, int, str], client: Client) -> None:
         with self.lock:
             total = sum(len(p) for p in self.idle.values())
             if total >= CACHE_MAX:
@@ -96,6 +96,31 @@ class Sessions:
                     if everything or time.monotonic() - since >= CACHE_IDLE:
                         pool.remove((since, client))
                         client.quit()
+
+
+def needs_smtputf8(sender: str, rcpts: list[str], fd: int, envelope: Envelope | None) -> bool:
+    """Whether the next hop must offer SMTPUTF8 (RFC 6531 §3.2, as Postfix decides
+    it): a UTF-8 local part in the envelope, or, when the client declared
+    SMTPUTF8, raw UTF-8 in the header section (RFC 6532: addresses or display
+    names in From:, To:, Subject: ...). A message that declared it but is ASCII
+    throughout (its body aside) goes to any server, without SMTPUTF8."""
+    if any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts]):
+        return True
+    return envelope is not None and envelope.utf8 and not header_is_ascii(blocks(fd))
+
+
+def sts_failure(policy: Policy, host: str, reason: str) -> None:
+    """One log line for what an MTA-STS policy does not allow (RFC 8461 §5):
+    its domain and mode, the MX host, why, and what is done about it."""
+    outcome = "not used" if policy.mode == "enforce" else "delivering anyway"
+    log.warning(
+        "MTA-STS policy of %s, mode %s: MX %s: %s; %s",
+        policy.domain,
+        policy.mode,
+        host,
+        reason,
+        outcome,
+    )
 
 
 class Delivery:
@@ -163,23 +188,21 @@ class Delivery:
         policy = self.policies.lookup(domain)
         if policy is None:
             return None, destinations
-        refused = [h.host for h in destinations if not policy.allows(h.host)]
-        if refused:
-            log.warning(
-                "MTA-STS policy of %s (%s): MX host(s) %s not in the policy%s",
-                domain,
-                policy.mode,
-                ", ".join(refused),
-                "; not used" if policy.mode == "enforce" else "; used anyway (testing)",
-            )
+        for hop in destinations:
+            if not policy.allows(hop.host):
+                sts_failure(policy, hop.host, "not in the policy")
         if policy.mode != "enforce":
             return policy, destinations
         return policy, [h for h in destinations if policy.allows(h.host)]
 
-    def _open(self, hop: Hop, address: str, plain: bool = False, sts: bool = False) -> Client:
-        """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS;
-        ``sts``: an MTA-STS policy in enforce mode: STARTTLS with a certificate
-        that verifies for the MX host name, or no delivery."""
+    def _open(
+        self, hop: Hop, address: str, plain: bool = False, sts: Policy | None = None
+    ) -> Client:
+        """A greeted session (TLS and AUTH as configured); ``plain``: never STARTTLS.
+        ``sts``: the MTA-STS policy of the domain (RFC 8461 §4.2, §5): in enforce
+        mode STARTTLS with a certificate that verifies for the MX host name, or
+        no delivery; in testing mode the same is tried, and what fails is logged
+        (``sts_failure``) and the delivery goes on as remote.tls says."""
         helo = self.config.remote.helo or self.config.hostname
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -196,37 +219,58 @@ class Delivery:
                 f"connect to {name} failed: {exc.strerror or exc}", "connect", False, status="4.4.1"
             ) from None
         client = Client(sock, name, self.timeouts)
+        configured = self.config.remote.tls
+        smart = hop.smarthost or bool(self.override and self.login)
+        if smart and configured != "none":
+            configured = "verify"  # a smarthost's certificate is verified by default
+        enforce = sts is not None and sts.mode == "enforce"
+        # Testing mode tries what enforce requires, and only logs what fails; not
+        # when remote.tls already requires as much, or wants no TLS at all.
+        testing = sts is not None and not enforce and configured in ("opportunistic", "required")
+        policy = "verify" if enforce or testing else configured
+        why = "MTA-STS policy in enforce mode" if enforce else f"remote.tls: {configured}"
         try:
             client.greet(helo)
-            policy = self.config.remote.tls
-            smart = hop.smarthost or bool(self.override and self.login)
-            if smart and policy != "none":
-                policy = "verify"  # a smarthost's certificate is verified by default
-            if sts:
-                policy = "verify"
-            why = "MTA-STS policy in enforce mode" if sts else f"remote.tls: {policy}"
             offered = "STARTTLS" in client.extensions
+            if testing and not offered:
+                assert sts is not None
+                sts_failure(sts, hop.host, f"{name} does not offer STARTTLS")
+                policy = configured
             if policy in ("required", "verify") and not offered:
+                if enforce:
+                    assert sts is not None
+                    sts_failure(sts, hop.host, f"{name} does not offer STARTTLS")
                 raise SMTPError(
                     f"{name} does not offer STARTTLS ({why})",
                     "STARTTLS",
                     False,
-                    status="4.7.5" if sts else "4.7.4",
+                    status="4.7.5" if enforce else "4.7.4",
                 )
             if offered and policy != "none" and not plain:
                 verify = policy == "verify"
                 try:
                     client.starttls(self._context(verify), hop.host if verify else None, helo)
                 except SMTPError as exc:
-                    if sts and exc.reply is None:
+                    if enforce and exc.reply is None:
+                        assert sts is not None
+                        sts_failure(sts, hop.host, exc.text)
                         exc.text, exc.status = f"{exc.text} ({why})", "4.7.5"
-                    if policy != "opportunistic":
+                    if testing:
+                        assert sts is not None
+                        sts_failure(sts, hop.host, exc.text)
+                        if exc.reply is None:  # the handshake failed: the session is lost
+                            client.quit()
+                            return self._open(hop, address)  # as remote.tls says
+                        if configured == "required":
+                            raise
+                    elif policy != "opportunistic":
                         raise
-                    # as Postfix's "may": better plaintext than no delivery at all
-                    log.info("%s; trying again without TLS", exc.text)
-                    if exc.reply is None:  # the handshake failed: the session is lost
-                        client.quit()
-                        return self._open(hop, address, plain=True)
+                    else:
+                        # as Postfix's "may": better plaintext than no delivery at all
+                        log.info("%s; trying again without TLS", exc.text)
+                        if exc.reply is None:  # the handshake failed: the session is lost
+                            client.quit()
+                            return self._open(hop, address, plain=True)
             if smart and self.login:
                 password = self.password
                 if password is None:
@@ -250,25 +294,25 @@ class Delivery:
         except DeliveryError as exc:
             return [exc.result()] * len(rcpts), []
         sts_policy, allowed = self._mta_sts(domain, destinations)
-        enforce = sts_policy is not None and sts_policy.mode == "enforce"
+        sts_mode = sts_policy.mode if sts_policy is not None else ""
         if not allowed:
             names = ", ".join(h.host for h in destinations)
             text = f"MTA-STS policy of {domain} (enforce) allows none of its MX hosts ({names})"
             return [Result("Z", "4.7.5", text)] * len(rcpts), []
         destinations = allowed
         size = message_size(fd)
-        needs_utf8 = any(not a.rpartition("@")[0].isascii() for a in [sender, *rcpts])
+        needs_utf8 = needs_smtputf8(sender, rcpts, fd, envelope)
         transcript: list[str] = []
         last = Result("Z", "4.4.1", "no host could be reached")
         for hop in destinations:
             for address in hop.addresses:
-                key = (address, hop.port, enforce)
+                key = (address, hop.port, sts_mode)
                 for attempt in range(2):
                     client = self.sessions.take(key) if attempt == 0 else None
                     fresh = client is None
                     try:
                         if client is None:
-                            client = self._open(hop, address, sts=enforce)
+                            client = self._open(hop, address, sts=sts_policy)
                         start = len(client.transcript)
                         results = client.deliver(
                             sender,
@@ -341,14 +385,15 @@ def serve(delivery: Delivery, listeners: list[socket.socket], idle_exit: float) 
     return EXIT_OK
 
 
-def by_hand(delivery: Delivery, sender: str, rcpts: list[str], fd: int) -> int:
+def by_hand(delivery: Delivery, sender: str, rcpts: list[str], fd: int, utf8: bool = False) -> int:
     """The message (``fd``: a scratch spool file) to each domain's recipients."""
     by_domain: dict[str, list[str]] = {}
     for r in rcpts:
         by_domain.setdefault(r.rpartition("@")[2].lower(), []).append(r)
     every = []
     for group in by_domain.values():
-        results, transcript = delivery.deliver(sender, group, fd)
+        flag = Envelope(sender, tuple(group), utf8=True) if utf8 else None
+        results, transcript = delivery.deliver(sender, group, fd, flag)
         for line in transcript:
             print(f"|{line}")
         for rcpt, result in zip(group, results, strict=True):
@@ -407,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         help="with --user: deliver inside DIR; DNS, CA certificates and the smarthost "
         "password are read first (default: none)",
     )
+    parser.add_argument(
+        "--smtputf8",
+        action="store_true",
+        help="the sender used SMTPUTF8 (by hand): UTF-8 in the header then needs it",
+    )
     parser.add_argument("--debug", action="store_true", help="log debugging detail")
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
@@ -431,13 +481,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_TEMP
     delivery = Delivery(config, override, args.login)
     if args.recipients:  # read before --user/--chroot: the temporary file is in /tmp
-        fd = scratch_entry(sys.stdin.buffer, Envelope(args.sender, tuple(args.recipients)).encode())
+        envelope = Envelope(args.sender, tuple(args.recipients), utf8=args.smtputf8)
+        fd = scratch_entry(sys.stdin.buffer, envelope.encode())
     if plan.chroot is not None:
         delivery.before_chroot()
         logmod.keep_journal()
     privs.drop_or_exit("mailgrave-remote", plan)
     if args.recipients:
-        return by_hand(delivery, args.sender, args.recipients, fd)
+        return by_hand(delivery, args.sender, args.recipients, fd, args.smtputf8)
     if listeners:
         return serve(delivery, listeners, config.queue.idle_exit)
     assert conn is not None

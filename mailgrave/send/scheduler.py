@@ -100,12 +100,25 @@ class Scheduler:
     # --- doing it --------------------------------------------------------------
 
     def run_job(self, job: Job) -> list[Result]:
-        if not job.recipients:
-            return []
+        """One delivery attempt (in a worker thread); each result is recorded as it
+        arrives (:meth:`record`), the last one of the message finishes it."""
         qid = job.entry.qid
+        n = len(job.recipients)
+        recorded = 0
+        seen = 0  # transcript lines already kept
+
+        def got(first: int, results: list[Result], transcript: list[str]) -> None:
+            nonlocal recorded, seen
+            recorded = first + len(results)
+            new, seen = transcript[seen:], len(transcript)
+            self.record(job, first, results, new)
+
+        if not job.recipients:
+            self.record(job, 0, [], [])
+            return []
         name = "local.ctrl" if job.channel == policy.LOCAL else "remote.ctrl"
         try:
-            results, transcript = ctrl.request(
+            results, _ = ctrl.request(
                 self.config.socket_path(name),
                 qid,
                 job.entry.sender,
@@ -113,17 +126,60 @@ class Scheduler:
                 self.spool.message_path(qid),
                 self.agents,
                 job.entry.envelope(job.recipients),
+                on_results=got,
             )
         except FileNotFoundError:
-            return [Result("Z", "4.3.0", "message file missing")] * len(job.recipients)
-        if transcript:
-            with self.lock:
-                job.entry.transcript = [*job.entry.transcript, *transcript][-200:]
+            results = [Result("Z", "4.3.0", "message file missing")] * n
+        except Exception:
+            log.exception("%s: delivery attempt crashed", qid)
+            results = [Result("Z", "4.3.0", "internal error")] * n
+        if recorded < n:
+            got(recorded, results[recorded:], [])
         return results
 
-    def apply(self, job: Job, results: list[Result]) -> None:
+    def record(self, job: Job, first: int, results: list[Result], transcript: list[str]) -> None:
+        """Results for ``job.recipients[first:]`` as they arrive (a worker thread),
+        kept on disk at once: the message's last outstanding result finishes it
+        (removed, or its state written); a result while other recipients of the
+        message are still being delivered has the state written (info/QID), so
+        that a kill of send repeats only the deliveries that were in flight."""
+        entry = job.entry
+        qid = entry.qid
+        with self.lock:
+            if transcript:
+                entry.transcript = [*entry.transcript, *transcript][-200:]
+            self.apply(job, results, first)
+            if first + len(results) < len(job.recipients):
+                self._save_progress(entry)
+                return
+            self.inflight[qid] -= 1
+            if self.inflight[qid] > 0:
+                if results:
+                    self._save_progress(entry)
+                return
+            try:
+                self.finish(entry)
+            except (TempFail, OSError) as exc:
+                log.error("%s: cannot update the queue: %s", qid, exc)
+                self._keep_on_error(entry)
+            finally:
+                # Only now: collect() takes a message that is not in flight again.
+                del self.inflight[qid]
+
+    def _save_progress(self, entry: Entry) -> None:
+        """The state so far, while other recipients are in flight (a new message
+        gets info/QID beside todo/QID: S3 in docs/queue.md). Only duplicates
+        depend on it, never a loss (the message stays until finish()), so the
+        directory is not fsynced, and a failure is only logged."""
+        try:
+            self.spool.write_entry(entry, sync_dir=False)
+        except OSError as exc:
+            log.warning("%s: cannot record the results so far: %s", entry.qid, exc)
+
+    def apply(self, job: Job, results: list[Result], first: int = 0) -> None:
         now = self.now()
-        for r, res in zip(job.recipients, results, strict=True):
+        rcpts = job.recipients[first : first + len(results)]
+        for r, res in zip(rcpts, results, strict=True):
             policy.record_result(r, res, now, self.config.queue.retry, job.channel)
             if res.code == OK:
                 maillog.delivered(job.entry.qid, r.addr, job.channel, r.last_reply)
@@ -244,7 +300,8 @@ class Scheduler:
                         last_deferred_scan = time.monotonic()
                     for job in self.collect(rescan):
                         qid = job.entry.qid
-                        self.inflight[qid] = self.inflight.get(qid, 0) + 1
+                        with self.lock:
+                            self.inflight[qid] = self.inflight.get(qid, 0) + 1
                         waiting.setdefault(job.destination, deque()).append(job)
                     self._start(pool, futures, waiting, active)
                 if futures:
@@ -298,22 +355,10 @@ class Scheduler:
                 futures[pool.submit(self.run_job, job)] = job
 
     def _done(self, job: Job, fut: Future[list[Result]]) -> None:
-        """A job came back: record its results; the message's last job finishes it."""
-        try:
-            results = fut.result()
-        except Exception:
-            log.exception("%s: delivery attempt crashed", job.entry.qid)
-            results = [Result("Z", "4.3.0", "internal error")] * len(job.recipients)
-        qid = job.entry.qid
-        self.apply(job, results)
-        self.inflight[qid] -= 1
-        if self.inflight[qid] == 0:
-            del self.inflight[qid]
-            try:
-                self.finish(job.entry)
-            except (TempFail, OSError) as exc:
-                log.error("%s: cannot update the queue: %s", qid, exc)
-                self._keep_on_error(job.entry)
+        """A job came back; its results were recorded as they arrived (:meth:`record`)."""
+        exc = fut.exception()
+        if exc is not None:  # run_job catches everything: never expected
+            log.error("%s: delivery job failed: %r", job.entry.qid, exc)
 
     def _keep_on_error(self, entry: Entry) -> None:
         """Save what we know so that nothing is lost; it is retried next run."""

@@ -90,6 +90,7 @@ class MessageStart(Record):
     envid: str = ""
     notify: tuple[str, ...] = ()
     orcpt: tuple[str, ...] = ()
+    utf8: bool = False  # SMTPUTF8 on MAIL FROM (RFC 6531)
 
 
 @record
@@ -484,14 +485,15 @@ class Server:
         self.state = State.CONNECTED
         return []
 
-    def auth_result(self, ok: bool) -> list[Event]:
-        """The program's verdict on :class:`Authenticate`'s credentials."""
+    def auth_result(self, ok: bool, name: str = "") -> list[Event]:
+        """The program's verdict on :class:`Authenticate`'s credentials; ``name``: the
+        login as the verifier knows it (Dovecot's user=), if it says."""
         if self.state != State.AUTH_CHECK:
             return []
         self.state = State.READY
         login, self._auth_user = self._auth_user or "", None
         if ok:
-            self.login = login
+            self.login = name or login
             self._reply(R.AUTH_OK)
         else:
             self._auth_failed(login, "invalid credentials", R.AUTH_INVALID)
@@ -955,6 +957,7 @@ class Server:
                 self.envid,
                 tuple(d[0] for d in dsn),
                 tuple(d[1] for d in dsn),
+                self.utf8,
             )
         )
 

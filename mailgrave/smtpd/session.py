@@ -64,7 +64,10 @@ class ConfigPolicy:
         self.sender_checks = True  # False in the listener's warm-up session (no DNS)
         self.submission = mode != "smtp"
         # One stat per connection; the file itself is read only when a client authenticates.
-        self.auth_available = self.tls_available and os.path.exists(config.auth.users_file)
+        # With auth.dovecot_socket, AUTH is offered whenever TLS is: Dovecot down is a 454.
+        self.auth_available = self.tls_available and (
+            bool(config.auth.dovecot_socket) or os.path.exists(config.auth.users_file)
+        )
         self.max_auth_failures = config.auth.max_failures
         self._rate: Any = None
 
@@ -484,6 +487,8 @@ class Session:
 
     def _authenticate(self, ev: S.Authenticate) -> list[S.Event]:
         """Check the credentials in this process (no other session waits for the hash)."""
+        if self.config.auth.dovecot_socket:
+            return self._authenticate_dovecot(ev)
         from mailgrave import users  # argon2 only for sessions that authenticate
 
         try:
@@ -494,6 +499,25 @@ class Session:
         if ok:
             log.info("[%s] authenticated as %s", self.client_ip, mglog.quote(ev.login))
         return self.server.auth_result(ok)
+
+    def _authenticate_dovecot(self, ev: S.Authenticate) -> list[S.Event]:
+        """Ask Dovecot (auth.dovecot_socket); no verdict is a 454, never a pass."""
+        from mailgrave import dovecot  # only for sessions that authenticate
+
+        try:
+            name = dovecot.authenticate(
+                self.config.auth.dovecot_socket,
+                ev.login,
+                ev.password,
+                client_ip=self.client_ip,
+                secured=self.server.tls,
+            )
+        except dovecot.DovecotError as exc:
+            log.warning("AUTH unavailable: Dovecot: %s", exc)
+            return self.server.auth_unavailable()
+        if name is not None:
+            log.info("[%s] authenticated as %s", self.client_ip, mglog.quote(name))
+        return self.server.auth_result(name is not None, name or "")
 
     def _open_queue(self, ev: S.MessageStart) -> None:
         self.current, self.queue, self.queue_error = ev, None, None
@@ -511,7 +535,9 @@ class Session:
             self.queue = QueueClient(
                 self.config.socket_path("queue.ctrl"),
                 attrs=attrs,
-                envelope=Envelope(ev.sender, ev.recipients, ev.ret, ev.envid, ev.notify, ev.orcpt),
+                envelope=Envelope(
+                    ev.sender, ev.recipients, ev.ret, ev.envid, ev.notify, ev.orcpt, ev.utf8
+                ),
             )
         except (TempFail, OSError, ValueError) as exc:
             log.warning("cannot submit to the queue: %s", exc)

@@ -9,6 +9,7 @@ answer (a timeout); every other unknown name is NXDOMAIN.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -80,10 +81,12 @@ def dns_server(
     zone: dict[str, list[Record]],
     servfail: Iterable[str] = (),
     silent: Iterable[str] = (),
+    port: int = 0,
 ) -> Iterator[tuple[int, ZoneResolver]]:
-    """Serve ``zone`` on 127.0.0.1; yields (port, resolver with the queries it saw)."""
+    """Serve ``zone`` on 127.0.0.1 (on ``port``, or a free one); yields (port, resolver
+    with the queries it saw)."""
     resolver = ZoneResolver(zone, servfail, silent)
-    port = _free_udp_tcp_port()
+    port = port or _free_udp_tcp_port()
     quiet = DNSLogger(log="-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
     udp = DNSServer(resolver, port=port, address="127.0.0.1", logger=quiet)
     tcp = DNSServer(resolver, port=port, address="127.0.0.1", tcp=True, logger=quiet)
@@ -96,3 +99,32 @@ def dns_server(
         tcp.stop()
         udp.server.server_close()
         tcp.server.server_close()
+
+
+@contextmanager
+def dead_dns_server() -> Iterator[tuple[int, list[bytes]]]:
+    """A UDP socket on 127.0.0.1 that reads queries and never answers (nor does
+    anything listen on its TCP port); yields (port, the queries it read)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    queries: list[bytes] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                queries.append(sock.recv(4096))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    try:
+        yield int(sock.getsockname()[1]), queries
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        sock.close()

@@ -1,12 +1,16 @@
 """DKIM signing (RFC 6376, RFC 8463) by mailgrave-queue, verified by dkimpy against a
-real DNS server on loopback: inject, authenticated submission, relay_networks; rsa-sha256
-and ed25519-sha256; untrusted clients unsigned; a missing key; a 50 MB message."""
+real DNS server on loopback, and by OpenDKIM (opendkim-testmsg, a second implementation):
+inject, authenticated submission, relay_networks; rsa-sha256 and ed25519-sha256;
+untrusted clients unsigned; a missing key; a 50 MB message."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +23,7 @@ import pytest
 from dkim.util import parse_tag_value
 
 from tests.conftest import (
+    ROOT,
     SAME_USER,
     Instance,
     Processes,
@@ -51,8 +56,11 @@ def keygen(inst: Instance, domain: str, selector: str, algorithm: str, keys: Pat
 
 
 class Dkim:
-    def __init__(self, inst: Instance, ports: dict[str, int], sink: Path, dns_port: int) -> None:
+    def __init__(
+        self, inst: Instance, ports: dict[str, int], sink: Path, dns_port: int, zone_file: Path
+    ) -> None:
         self.inst, self.ports, self.sink, self.dns_port = inst, ports, sink, dns_port
+        self.zone_file = zone_file
 
     def dnsfunc(self, name: bytes, timeout: float = 5) -> bytes | None:
         """dkimpy's TXT lookup, asked of the loopback DNS server."""
@@ -65,6 +73,14 @@ class Dkim:
 
     def verify(self, message: bytes) -> bool:
         return bool(dkim.verify(message, dnsfunc=self.dnsfunc))
+
+    def opendkim(self, message: bytes) -> subprocess.CompletedProcess[bytes]:
+        """opendkim-testmsg's verdict (tests/peers/opendkim_verify.py: the same zone,
+        served on port 53 of a loopback in a network namespace of its own)."""
+        return subprocess.run(
+            [sys.executable, "-m", "tests.peers.opendkim_verify", str(self.zone_file)],
+            input=message, capture_output=True, cwd=ROOT, timeout=120,
+        )  # fmt: skip
 
     def sunk(self, subject: str) -> bytes:
         def find() -> bytes | None:
@@ -123,6 +139,8 @@ def dk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dkim]:
         "s1._domainkey.example.org": [("TXT", rsa_txt)],
         "e1._domainkey.ed.test": [("TXT", ed_txt)],
     }
+    zone_file = base / "zone.json"
+    zone_file.write_text(json.dumps(zone))
     ports = {"smtp": free_port(), "submission": free_port()}
     args = [program("mailgrave"), "--config", str(inst.config_path), "run"]
     args += ["--retry-interval", "1", "--listen", f"127.0.0.1:{ports['smtp']}"]
@@ -136,7 +154,7 @@ def dk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dkim]:
             for port in ports.values():
                 wait_for(lambda port=port: _connectable(port) or proc.poll() is not None)
             assert proc.poll() is None, inst.log.read_text()
-            yield Dkim(inst, ports, sink, dns_port)
+            yield Dkim(inst, ports, sink, dns_port, zone_file)
     finally:
         procs.stop_all()
 
@@ -188,6 +206,36 @@ def test_authenticated_submission_is_signed_ed25519(dk: Dkim) -> None:
     assert b"with ESMTPSA" in msg
     assert dk.verify(msg)
     assert not dk.verify(msg.replace(b"hello", b"jello"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare --net --mount needs root")
+@pytest.mark.parametrize("algorithm", ["rsa-sha256", "ed25519-sha256"])
+def test_opendkim_verifies_what_dkimpy_verifies(dk: Dkim, algorithm: str) -> None:
+    """A second, independent implementation (libopendkim, with the C library's resolver)
+    agrees: the delivered message verifies; altered after signing, it does not."""
+    subject = f"opendkim {algorithm}"
+    if algorithm == "rsa-sha256":
+        sender = "alice@example.org"
+        data = message(sender, "x@elsewhere.test", subject).replace(b"\r\n", b"\n")
+        assert dk.inst.sendmail("-f", sender, "x@elsewhere.test", data=data).returncode == 0
+    else:
+        sender = "alice@ed.test"
+        with smtplib.SMTP("127.0.0.1", dk.ports["submission"], timeout=30) as c:
+            c.starttls(context=insecure())
+            c.login("alice", PASSWORD)
+            c.sendmail(sender, ["x@elsewhere.test"], message(sender, "x@elsewhere.test", subject))
+    msg = dk.sunk(subject)
+    (sig,) = signatures(msg)
+    assert f"a={algorithm}".encode() in sig
+    assert dk.verify(msg)
+    res = dk.opendkim(msg)
+    assert res.returncode == 0, res.stderr
+    body = dk.opendkim(msg.replace(b"hello", b"hellO"))
+    assert body.returncode != 0 and b"Bad signature" in body.stderr, body.stderr
+    header = dk.opendkim(msg.replace(f"Subject: {subject}".encode(), b"Subject: altered"))
+    assert header.returncode != 0 and b"Bad signature" in header.stderr, header.stderr
+    unsigned = dk.opendkim(msg.replace(sig + b"\r\n", b""))
+    assert unsigned.returncode != 0 and b"No signature" in unsigned.stderr, unsigned.stderr
 
 
 def test_relay_networks_client_is_signed(dk: Dkim) -> None:

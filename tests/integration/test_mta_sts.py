@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import SAME_USER, Instance, Processes, free_port, wait_for
 from tests.integration.dnsserver import dns_server
-from tests.integration.test_remote_delivery import PY, start_peer
+from tests.integration.test_remote_delivery import PY, Peer, start_peer
 
 PEERS = Path(__file__).resolve().parent.parent / "peers"
 
@@ -25,7 +25,7 @@ PEERS = Path(__file__).resolve().parent.parent / "peers"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A test CA; certificates from it for mta-sts.example.net and mx.example.net;
-    one for mta-sts.example.net from a CA nobody trusts."""
+    the same two from a CA nobody trusts."""
     d = tmp_path_factory.mktemp("pki")
 
     def run(*args: str) -> None:
@@ -40,6 +40,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("mta-sts.example.net", "ca"),
         ("mx.example.net", "ca"),
         ("mta-sts.example.net", "rogue"),
+        ("mx.example.net", "rogue"),
     ):
         stem = f"{host}-{signer}"
         run(
@@ -189,24 +190,117 @@ def test_testing_mode_only_logs(
     code, out, err = _by_hand(inst)
     assert code == 0, out
     assert len(peer.messages()) == 1
-    assert "mx.example.net not in the policy; used anyway (testing)" in err
+    assert (
+        "MTA-STS policy of example.net, mode testing: MX mx.example.net: not in the policy; "
+        "delivering anyway" in err
+    )
 
 
+@pytest.mark.parametrize("mode", ["enforce", "testing"])
 def test_policy_host_with_an_untrusted_certificate_means_no_policy(
-    tmp_path: Path, processes: Processes, pki: dict[str, Path], dns: Callable[..., int]
+    tmp_path: Path, processes: Processes, pki: dict[str, Path], dns: Callable[..., int], mode: str
 ) -> None:
-    # An enforce policy that would refuse the MX, served with a certificate from
-    # a CA we do not trust: it is not used (RFC 8461 §3.3), the mail goes out.
+    # A policy that does not name the MX, served with a certificate from a CA
+    # we do not trust: it is not used at all (RFC 8461 §3.3), in either mode:
+    # the mail goes out, in plain text, and nothing is said about the MX.
     peer = start_peer(processes, tmp_path)
-    https, _ = start_policy_server(
-        processes, tmp_path, pki, policy("enforce", "mx1.example.com"), signer="rogue"
+    https, requests = start_policy_server(
+        processes, tmp_path, pki, policy(mode, "mx1.example.com"), signer="rogue"
     )
     inst = sts_instance(tmp_path, pki, dns(ZONE), peer.port, https)
     code, out, err = _by_hand(inst)
     assert code == 0, out
     assert len(peer.messages()) == 1
-    assert "MTA-STS policy of example.net not used: TLS with mta-sts.example.net failed" in err
+    assert (
+        "MTA-STS policy of example.net not used: TLS with mta-sts.example.net failed: "
+        "unable to get local issuer certificate" in err
+    )
+    assert "mode " not in err  # no policy was applied to the MX
     assert not (tmp_path / "mta-sts" / "example.net").exists()
+    assert not (requests / "requests.jsonl").exists()  # no request went over that TLS
+
+
+def _mx(processes: Processes, tmp_path: Path, pki: dict[str, Path], signer: str | None) -> Peer:
+    """The MX: aiosmtpd with STARTTLS and a certificate for mx.example.net from
+    ``signer`` (``ca``: trusted, ``rogue``: not), or without STARTTLS (None)."""
+    if signer is None:
+        return start_peer(processes, tmp_path)
+    cert, key = pki[f"mx.example.net-{signer}.pem"], pki[f"mx.example.net-{signer}.key"]
+    return start_peer(processes, tmp_path, "--cert", str(cert), "--key", str(key))
+
+
+def test_testing_mode_tests_the_mx_tls_and_only_logs_what_fails(
+    tmp_path: Path, processes: Processes, pki: dict[str, Path], dns: Callable[..., int]
+) -> None:
+    # RFC 8461 §5: in testing mode the MX is checked as enforce would check it;
+    # a failure is logged (mode, MX, reason) and the mail is delivered anyway.
+    https, _ = start_policy_server(processes, tmp_path, pki, policy("testing", "mx.example.net"))
+    zone = dns(ZONE)
+    prefix = "MTA-STS policy of example.net, mode testing: MX mx.example.net: "
+
+    untrusted = _mx(processes, tmp_path, pki, "rogue")
+    code, out, err = _by_hand(sts_instance(tmp_path, pki, zone, untrusted.port, https))
+    assert code == 0, out
+    [(meta, _)] = untrusted.messages()
+    assert meta["tls"] is True  # opportunistic TLS, as without a policy
+    [line] = [x for x in err.splitlines() if prefix in x]
+    assert line.endswith(
+        f"{prefix}TLS with mx.example.net[127.0.0.1]:{untrusted.port} failed: "
+        "unable to get local issuer certificate; delivering anyway"
+    ), line
+
+    plain = _mx(processes, tmp_path, pki, None)
+    code, out, err = _by_hand(sts_instance(tmp_path, pki, zone, plain.port, https))
+    assert code == 0, out
+    [(meta, _)] = plain.messages()
+    assert meta["tls"] is False
+    assert (
+        f"{prefix}mx.example.net[127.0.0.1]:{plain.port} does not offer STARTTLS; "
+        "delivering anyway" in err
+    )
+
+    trusted = _mx(processes, tmp_path, pki, "ca")
+    code, out, err = _by_hand(sts_instance(tmp_path, pki, zone, trusted.port, https))
+    assert code == 0, out
+    [(meta, _)] = trusted.messages()
+    assert meta["tls"] is True
+    assert prefix not in err
+
+
+@pytest.mark.parametrize("signer", ["rogue", None])
+def test_enforce_keeps_the_mail_queued_when_the_mx_tls_does_not_verify(
+    tmp_path: Path,
+    processes: Processes,
+    pki: dict[str, Path],
+    dns: Callable[..., int],
+    signer: str | None,
+) -> None:
+    # An MX the policy names, but with a certificate from an untrusted CA, or no
+    # STARTTLS at all: not used; the mail stays queued, the reason shown.
+    https, _ = start_policy_server(processes, tmp_path, pki, policy("enforce", "mx.example.net"))
+    peer = _mx(processes, tmp_path, pki, signer)
+    inst = sts_instance(tmp_path, pki, dns(ZONE), peer.port, https)
+    inst.start(processes)
+    res = inst.sendmail("-f", "alice@example.org", "x@example.net", data=b"Subject: sts\n\nx\n")
+    assert res.returncode == 0
+    name = f"mx.example.net[127.0.0.1]:{peer.port}"
+    reason = (
+        f"TLS with {name} failed: unable to get local issuer certificate"
+        if signer
+        else f"{name} does not offer STARTTLS"
+    )
+
+    def shown() -> str:
+        qids = [e.split("/")[1] for e in inst.spool_entries() if e.startswith("info/")]
+        if not qids:
+            return ""
+        return inst.run("mailgrave", "queue", "show", *qids).stdout.decode()
+
+    wait_for(lambda: reason in shown(), timeout=20)
+    text = shown()
+    assert "<x@example.net> pending" in text
+    assert f"4.7.5 {reason} (MTA-STS policy in enforce mode)" in text, text
+    assert peer.messages() == []
 
 
 def test_cached_policy_is_used_when_the_fetch_fails(

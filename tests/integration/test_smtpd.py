@@ -404,8 +404,9 @@ def test_50mb_message_memory_bounded(queue_chain: Instance, processes: Processes
         recv_reply(sock)
         sock.sendall(b"EHLO c\r\n")
         recv_reply(sock)
-        # the session's child: alive (a finished port probe may still be a zombie)
-        child = max(wait_for(lambda: [p for p in smtpd_pid_children(proc.pid) if _alive(p)]))
+        # the child serving this connection (not a spare forked ahead, nor a
+        # finished port probe): the one holding the server end of the socket
+        child = wait_for(lambda: _serving_child(proc.pid, sock))
         base = _status_kb(child, "VmRSS")
         sock.sendall(b"MAIL FROM:<a@b.test> SIZE=52500000\r\n")
         assert recv_reply(sock).startswith(b"250")
@@ -427,11 +428,29 @@ def test_50mb_message_memory_bounded(queue_chain: Instance, processes: Processes
     assert len(msgs[0]) > 50 * 1000 * 1000
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return "VmRSS:" in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
+def _serving_child(parent: int, client: socket.socket) -> int | None:
+    """The smtpd child of ``parent`` whose file descriptors hold the server end of
+    ``client``'s TCP connection (by socket inode, from /proc/net/tcp)."""
+    server_port, client_port = client.getpeername()[1], client.getsockname()[1]
+    inode = None
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        local, remote = fields[1], fields[2]
+        if (
+            int(local.split(":")[1], 16) == server_port
+            and int(remote.split(":")[1], 16) == client_port
+        ):
+            inode = fields[9]
+    if inode is None:
+        return None
+    for pid in smtpd_pid_children(parent):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]" for fd in fds):
+                return pid
+        except OSError:
+            continue
+    return None
 
 
 def _status_kb(pid: int, field: str) -> int:

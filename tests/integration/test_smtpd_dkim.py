@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import smtplib
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import authres.dmarc  # type: ignore[import-untyped]
 import dkim  # type: ignore[import-untyped]
 import pytest
 
-from tests.conftest import Instance, Processes, free_port, wait_for
+from tests.conftest import Instance, Processes, free_port, program, wait_for
 from tests.integration.dnsserver import dns_server
 
 AUTHRES = authres.FeatureContext(authres.dmarc)  # the dmarc method's header.from
@@ -56,6 +57,11 @@ def dns_port(key: tuple[bytes, str]) -> Iterator[int]:
         "fail.test": [("TXT", "v=spf1 -all")],
         "_dmarc.quarantine.test": [("TXT", "v=DMARC1; p=quarantine")],
         "sel._domainkey.quarantine.test": [("TXT", key[1])],
+        # pct= (RFC 7489 §6.6.4): the share of failures the policy applies to
+        "_dmarc.pct0.test": [("TXT", "v=DMARC1; p=reject; pct=0")],
+        "_dmarc.pct50.test": [("TXT", "v=DMARC1; p=reject; pct=50")],
+        "_dmarc.pct100.test": [("TXT", "v=DMARC1; p=reject; pct=100")],
+        "_dmarc.qpct0.test": [("TXT", "v=DMARC1; p=quarantine; pct=0")],
     }
     servfail = ["_dmarc.broken.test", "sel._domainkey.broken.test"]
     with dns_server(zone, servfail) as (port, _resolver):
@@ -134,6 +140,16 @@ def received(inst: Instance, subject: str) -> Any:
     [header] = auth_results(raw)
     assert header.authserv_id == "mx.example.org"
     return header
+
+
+def raw_field(inst: Instance, subject: str) -> str:
+    """The Authentication-Results: field of the delivered message, unfolded."""
+    received(inst, subject)
+    mark = f"Subject: {subject}\n".encode()
+    raw = next(m for m in inst.messages("alice") if mark in m)
+    head = raw.partition(b"\n\n")[0].decode().replace("\n\t", " ").replace("\n ", " ")
+    [field] = [f for f in head.split("\n") if f.lower().startswith("authentication-results:")]
+    return field
 
 
 def clauses(header: Any, method: str) -> list[Any]:
@@ -255,6 +271,145 @@ def test_enforce_rejects_dmarc_failure_of_p_reject(
     assert dm.result == "pass"
     assert not any(b"Subject: forged" in m for m in inst.messages("alice"))
     assert inst.spool_entries() == []
+
+
+def test_enforce_applies_p_reject_only_to_the_pct_sample(
+    enforcing: tuple[Instance, int],
+) -> None:
+    # pct=0: never refused; the failure and what the policy came to (the next
+    # lower one, quarantine: MailGrave has none, so delivered) in the header.
+    inst, port = enforcing
+    send(port, "a@fail.test", message("a@pct0.test", "pct zero"))
+    [dm] = clauses(received(inst, "pct zero"), "dmarc")
+    assert (dm.result, dm.header_from) == ("fail", "pct0.test")
+    # (python3-authres drops comments: read the field itself)
+    assert "dmarc=fail (p=reject pct=0 dis=quarantine) header.from=pct0.test" in raw_field(
+        inst, "pct zero"
+    )
+    send(port, "a@fail.test", message("a@qpct0.test", "quarantine pct zero"))
+    assert "dmarc=fail (p=quarantine pct=0 dis=none)" in raw_field(inst, "quarantine pct zero")
+    # pct=100: every failure is refused, as without pct=
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        send(port, "a@fail.test", message("a@pct100.test", "pct hundred"))
+    assert info.value.smtp_code == 550 and info.value.smtp_error.startswith(b"5.7.1")
+    assert not any(b"Subject: pct hundred" in m for m in inst.messages("alice"))
+
+
+def test_pct_sampling_with_an_injected_roll(dns_port: int) -> None:
+    """Checker.dmarc against the DNS server, the pct= sample fixed: pct=50
+    refuses a roll of 0-49 and gives quarantine for 50-99."""
+    from mailgrave import config
+    from mailgrave.queue.authcheck import Checker
+
+    conf = config.parse_text(
+        "checks: {dmarc: enforce}\n"
+        f"remote: {{dns: {{nameservers: [127.0.0.1], port: {dns_port}, timeout: 2s}}}}\n"
+    )
+    header = b"From: a@pct50.test\r\nSubject: x\r\n"
+    for roll, refused, comment in (
+        (0, True, "p=reject pct=50 dis=reject"),
+        (49, True, "p=reject pct=50 dis=reject"),
+        (50, False, "p=reject pct=50 dis=quarantine"),
+        (99, False, "p=reject pct=50 dis=quarantine"),
+    ):
+        checker = Checker(conf, roll=lambda roll=roll: roll)  # type: ignore[misc]
+        clause, refuse = checker.dmarc(header, "fail", "fail.test", [])
+        assert (clause.result, refuse, clause.result_comment) == ("fail", refused, comment)
+    # a pass is never sampled
+    rolls: list[int] = []
+    checker = Checker(conf, roll=lambda: rolls.append(0) or 0)  # type: ignore[func-returns-value]
+    clause, refuse = checker.dmarc(b"From: a@pass.test\r\n", "pass", "pass.test", [])
+    assert (clause.result, refuse, rolls) == ("pass", False, [])
+
+
+def test_relay_networks_clients_are_not_checked(
+    tmp_path: Path, processes: Processes, dns_port: int, key: tuple[bytes, str]
+) -> None:
+    # "port 25 only; not for authenticated or relay_networks clients": the same
+    # forged message (SPF -all, a broken signature, From: a p=reject domain)
+    # under enforce is taken from 127.0.0.1 (relay_networks) without any
+    # Authentication-Results: of ours, and refused from 127.0.0.2 (outside).
+    inst = Instance(
+        tmp_path,
+        relay_networks=["127.0.0.1/32"],
+        checks={"spf": "enforce", "dkim": "enforce", "dmarc": "enforce"},
+        remote={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"}},
+    )
+    port = free_port()
+    inst.start(processes, listen=f"127.0.0.1:{port}")
+    forged = sign(message("a@signed.test", "from a relay client"), key[0])
+    forged = forged.replace(b"there.", b"THERE!")
+    send(port, "a@fail.test", forged)
+    mark = b"Subject: from a relay client\n"
+    wait_for(lambda: any(mark in m for m in inst.messages("alice")), timeout=60)
+    raw = next(m for m in inst.messages("alice") if mark in m)
+    assert auth_results(raw) == []
+    outside = forged.replace(b"from a relay client", b"from outside")
+    with smtplib.SMTP("127.0.0.1", port, timeout=60, source_address=("127.0.0.2", 0)) as smtp:
+        smtp.ehlo("client.test")
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            smtp.sendmail("a@fail.test", ["alice@example.org"], outside)
+        assert refused.value.smtp_code == 550  # SPF fail, at MAIL FROM
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            smtp.sendmail("a@signed.test", ["alice@example.org"], outside)  # no SPF record
+        assert info.value.smtp_code == 550 and info.value.smtp_error.startswith(b"5.7.1")
+    assert not any(b"Subject: from outside" in m for m in inst.messages("alice"))
+
+
+def test_authenticated_submission_is_not_checked(
+    tmp_path: Path, processes: Processes, dns_port: int, key: tuple[bytes, str]
+) -> None:
+    # The other half of "not for authenticated or relay_networks clients": the
+    # forged message of the test above, under enforce, from 127.0.0.1 outside
+    # relay_networks, is taken on the smtps port after AUTH (no
+    # Authentication-Results: of ours) and refused on port 25 without it.
+    import ssl
+    import subprocess as sp
+
+    from tests.integration.test_submission import PASSWORD, add_user, insecure, make_cert
+
+    cert, tls_key = make_cert(tmp_path)
+    inst = Instance(
+        tmp_path,
+        relay_networks=["192.0.2.0/24"],
+        checks={"spf": "enforce", "dkim": "enforce", "dmarc": "enforce"},
+        smtpd={"tls": {"certificate": str(cert), "key": str(tls_key)}},
+        auth={
+            "users_file": str(tmp_path / "users"),
+            "senders": {"carol": ["@fail.test", "@signed.test"]},
+        },
+        remote={"dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"}},
+    )
+    add_user(inst, "carol", PASSWORD)
+    port, smtps = free_port(), free_port()
+    args = [program("mailgrave"), "--config", str(inst.config_path), "run"]
+    args += ["--listen", f"127.0.0.1:{port}", "--smtps", f"127.0.0.1:{smtps}"]
+    with (tmp_path / "run.log").open("wb") as log:
+        proc = processes.start(args, stdout=sp.DEVNULL, stderr=log)
+    wait_for(lambda: connectable(smtps) or proc.poll() is not None)
+    assert proc.poll() is None, (tmp_path / "run.log").read_text()
+    forged = sign(message("a@signed.test", "from carol"), key[0]).replace(b"there.", b"THERE!")
+    ctx: ssl.SSLContext = insecure()
+    with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=60, context=ctx) as smtp:
+        smtp.login("carol", PASSWORD)
+        smtp.sendmail("a@fail.test", ["alice@example.org"], forged)
+    mark = b"Subject: from carol\n"
+    wait_for(lambda: any(mark in m for m in inst.messages("alice")), timeout=60)
+    raw = next(m for m in inst.messages("alice") if mark in m)
+    assert auth_results(raw) == []
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+        smtp.ehlo("client.test")
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            smtp.sendmail("a@fail.test", ["alice@example.org"], forged)
+        assert refused.value.smtp_code == 550  # SPF fail, at MAIL FROM
+
+
+def connectable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def queue_pid(run_pid: int) -> int:

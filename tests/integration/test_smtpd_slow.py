@@ -1,6 +1,7 @@
 """Load and slowness (issue 13): the command and DATA deadlines drop a client that
 trickles; stress mode keeps a new legitimate client served while idle or trickling
-connections from other addresses fill the listener; every timeout fires."""
+connections from other addresses fill the listener; every timeout fires; the
+RSS of the listener, the queue and the scheduler stays bounded."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import stressreport
 from tests.conftest import Instance, Processes, free_port, wait_for
 from tests.integration.test_smtpd import _status_kb, recv_reply, smtpd_pid_children
 
@@ -20,6 +22,7 @@ from tests.integration.test_smtpd import _status_kb, recv_reply, smtpd_pid_child
 class Slow:
     def __init__(self, inst: Instance, port: int, run_pid: int) -> None:
         self.inst, self.port, self.run_pid = inst, port, run_pid
+        self.held = False  # the message to dead.test is queued
 
     def connect(self, source: str = "127.0.0.1", timeout: float = 30) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -28,11 +31,26 @@ class Slow:
         sock.connect(("127.0.0.1", self.port))
         return sock
 
-    def listener_pid(self) -> int:
+    def stage_pids(self) -> dict[str, int]:
+        """The running stages under ``mailgrave run``: listener, queue, send."""
+        found = {}
         for pid in smtpd_pid_children(self.run_pid):
-            if b"mailgrave.smtpd" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        raise AssertionError("no smtpd listener under mailgrave run")
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            for stage, module in (("listener", b"mailgrave.smtpd"), ("queue", b"mailgrave.queue")):
+                if module in cmdline:
+                    found[stage] = pid
+            if b"mailgrave.send" in cmdline:
+                found["send"] = pid
+        return found
+
+    def listener_pid(self) -> int:
+        pid = self.stage_pids().get("listener")
+        if pid is None:
+            raise AssertionError("no smtpd listener under mailgrave run")
+        return pid
 
     def legitimate_client(self) -> float:
         """A full transaction from 127.0.0.1 (in relay_networks); seconds it took."""
@@ -57,6 +75,11 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slow]:
             "max_connections": 100,
             "max_connections_per_client": 10,
         },
+        # The queue and the scheduler stay up through a flood (their RSS is
+        # measured before and after): the queue does not idle out, and a message
+        # deferred every second keeps mailgrave-send lingering.
+        queue={"idle_exit": "10m", "retry": ["1s"]},
+        remote={"routes": {"dead.test": f"[127.0.0.1]:{free_port()}"}},
     )
     port = free_port()
     try:
@@ -167,6 +190,28 @@ def _drive(socks: list[socket.socket], seconds: float, trickle: bool) -> None:
                     s.close()
 
 
+def _stages_up(slow: Slow) -> dict[str, int]:
+    """Listener, queue and scheduler all running (a message to a dead route keeps
+    mailgrave-send retrying every second)."""
+    if not slow.inst.messages("alice"):
+        slow.legitimate_client()  # starts the queue
+    pids = slow.stage_pids()
+    if not slow.held:
+        slow.held = True
+        assert slow.inst.sendmail("x@dead.test", data=b"Subject: held\n\nx\n").returncode == 0
+    return pids if len(pids) == 3 else {}
+
+
+def _rss(pids: dict[str, int]) -> dict[str, int]:
+    out = {}
+    for stage, pid in pids.items():
+        try:
+            out[stage] = _status_kb(pid, "VmRSS")
+        except OSError:
+            pass
+    return out
+
+
 @pytest.mark.parametrize(
     "count,sources,trickle",
     [(100, 10, True), (300, 30, False)],
@@ -175,8 +220,9 @@ def _drive(socks: list[socket.socket], seconds: float, trickle: bool) -> None:
 def test_flood_does_not_lock_out_a_legitimate_client(
     slow: Slow, count: int, sources: int, trickle: bool
 ) -> None:
-    listener = wait_for(slow.listener_pid)
-    rss_before = _status_kb(listener, "VmRSS")
+    pids = wait_for(lambda: _stages_up(slow), timeout=30)
+    listener = pids["listener"]
+    rss_before = _rss(pids)
     addrs = [f"127.0.0.{2 + i}" for i in range(sources)]
     socks = _flood(slow, addrs, count // sources, trickle)
     try:
@@ -192,6 +238,14 @@ def test_flood_does_not_lock_out_a_legitimate_client(
             s.close()
     wait_for(lambda: len(smtpd_pid_children(listener)) <= 2, timeout=20)
     assert slow.legitimate_client() < 10
-    rss_after = _status_kb(listener, "VmRSS")
-    assert rss_after < rss_before + 20_000, (rss_before, rss_after)
     wait_for(lambda: [m for m in slow.inst.messages("alice") if b"legit" in m], timeout=20)
+    # The same processes after the load, their RSS grown by less than 10 MB each.
+    assert {k: v for k, v in slow.stage_pids().items() if k in ("listener", "queue")} == {
+        k: v for k, v in pids.items() if k in ("listener", "queue")
+    }
+    rss_after = _rss({k: v for k, v in slow.stage_pids().items() if pids.get(k) == v})
+    load = f"{count} {'trickling' if trickle else 'idle'} from {sources} addresses"
+    for stage, after in rss_after.items():
+        stressreport.rss(load, stage, rss_before[stage], after)
+        assert after < rss_before[stage] + 10_000, (stage, rss_before[stage], after)
+    assert {"listener", "queue"} <= set(rss_after)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Instance, Processes, free_port, wait_for
-from tests.integration.test_remote_delivery import start_peer
+from tests.integration.test_remote_delivery import Peer, start_peer
 from tests.integration.test_smtpd import recv_reply, swaks
 
 UTF8_USER = "jörg@bücher.example"
@@ -22,10 +22,11 @@ LIE = 5 * 1024 * 1024 + 1000  # a chunk over the 5M limit
 
 
 class Chain:
-    def __init__(self, inst: Instance, port: int, peer_port: int) -> None:
+    def __init__(self, inst: Instance, port: int, peer: Peer, utf8_peer: Peer) -> None:
         self.inst = inst
         self.port = port
-        self.peer_port = peer_port
+        self.peer = peer  # nosmtputf8.test: no SMTPUTF8 offered
+        self.utf8_peer = utf8_peer  # smtputf8.test: SMTPUTF8 offered
 
     def connect(self) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
@@ -39,6 +40,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     base = tmp_path_factory.mktemp("standards")
     try:
         peer = start_peer(procs, base)  # no SMTPUTF8 offered
+        utf8_peer = start_peer(procs, base, "--smtputf8")
         inst = Instance(
             base,
             smtpd={"max_message_size": "5M", "timeout": "5s"},
@@ -48,11 +50,16 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                     "Jörg@Bücher.example": str(base / "mail" / "joerg" / "Maildir") + "/",
                 }
             },
-            remote={"routes": {"nosmtputf8.test": f"[127.0.0.1]:{peer.port}"}},
+            remote={
+                "routes": {
+                    "nosmtputf8.test": f"[127.0.0.1]:{peer.port}",
+                    "smtputf8.test": f"[127.0.0.1]:{utf8_peer.port}",
+                }
+            },
         )
         port = free_port()
         inst.start(procs, listen=f"127.0.0.1:{port}")
-        yield Chain(inst, port, peer.port)
+        yield Chain(inst, port, peer, utf8_peer)
     finally:
         procs.stop_all()
 
@@ -205,6 +212,71 @@ def test_relay_to_a_peer_without_smtputf8_bounces_5_6_7(chain: Chain) -> None:
     text = status.as_string()
     assert "Status: 5.6.7" in text
     assert "SMTPUTF8" in bounce.as_string()
+
+
+# An ASCII envelope, raw UTF-8 in the header section (RFC 6532).
+UTF8_HEADER = (
+    "From: Jörg Müller <alice@example.org>\r\nTo: Bücher <x@{domain}>\r\n"
+    "Subject: {subject} Grüße\r\n\r\nHallo\r\n"
+)
+
+
+def _send(chain: Chain, rcpt: str, message: bytes, utf8: bool) -> None:
+    with smtplib.SMTP("127.0.0.1", chain.port, timeout=10) as smtp:
+        refused = smtp.sendmail(
+            "alice@example.org", [rcpt], message, mail_options=["SMTPUTF8"] if utf8 else []
+        )
+        assert refused == {}
+
+
+def _received(peer: Peer, subject: bytes) -> tuple[dict[str, object], bytes]:
+    wait_for(lambda: any(subject in body for _, body in peer.messages()), timeout=30)
+    [found] = [(meta, body) for meta, body in peer.messages() if subject in body]
+    return found
+
+
+def test_utf8_header_with_smtputf8_to_a_peer_without_it_bounces_5_6_7(chain: Chain) -> None:
+    # RFC 6531 §3.2 / Postfix's "The message requires SMTPUTF8 support, but the
+    # remote server doesn't offer it": the envelope is ASCII, the header is not.
+    before = len(chain.inst.messages("alice"))
+    message = UTF8_HEADER.format(domain="nosmtputf8.test", subject="hdr-bounce").encode()
+    _send(chain, "x@nosmtputf8.test", message, utf8=True)
+    wait_for(lambda: len(chain.inst.messages("alice")) > before, timeout=30)
+    bounce = email.message_from_bytes(chain.inst.messages("alice")[-1], policy=email.policy.default)
+    status = next(p for p in bounce.walk() if p.get_content_type() == "message/delivery-status")
+    assert "Status: 5.6.7" in status.as_string()
+    assert "does not support SMTPUTF8, which this message needs" in bounce.as_string()
+    assert not any(b"hdr-bounce" in body for _, body in chain.peer.messages())
+
+
+def test_utf8_header_with_smtputf8_goes_with_smtputf8_to_a_peer_that_offers_it(
+    chain: Chain,
+) -> None:
+    message = UTF8_HEADER.format(domain="smtputf8.test", subject="hdr-utf8").encode()
+    _send(chain, "x@smtputf8.test", message, utf8=True)
+    meta, body = _received(chain.utf8_peer, b"hdr-utf8")
+    assert "SMTPUTF8" in meta["mail_options"]  # type: ignore[operator]
+    assert "Subject: hdr-utf8 Grüße".encode() in body
+
+
+def test_ascii_message_with_smtputf8_declared_goes_without_it(chain: Chain) -> None:
+    # Declared, but ASCII in the envelope and the header (the body may be 8-bit):
+    # any server will do, and it is not asked for SMTPUTF8.
+    message = b"From: alice@example.org\r\nSubject: all-ascii\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    _send(chain, "x@nosmtputf8.test", message, utf8=True)
+    meta, body = _received(chain.peer, b"all-ascii")
+    assert "SMTPUTF8" not in meta["mail_options"]  # type: ignore[operator]
+    assert "Grüße".encode() in body
+
+
+def test_utf8_header_without_smtputf8_declared_is_passed_on_as_it_came(chain: Chain) -> None:
+    # A legacy client's 8-bit header, SMTPUTF8 not declared: passed on as it came
+    # (as Postfix does), not bounced.
+    message = UTF8_HEADER.format(domain="nosmtputf8.test", subject="legacy-8bit").encode()
+    _send(chain, "x@nosmtputf8.test", message, utf8=False)
+    meta, body = _received(chain.peer, b"legacy-8bit")
+    assert "SMTPUTF8" not in meta["mail_options"]  # type: ignore[operator]
+    assert "Grüße".encode() in body
 
 
 def test_virtual_keys_are_normalised(tmp_path: Path) -> None:

@@ -71,6 +71,15 @@ def test_envelope_round_trip_with_null_sender() -> None:
     assert read_envelope(io.BytesIO(raw + b"trailing")) == raw
 
 
+def test_smtputf8_flag_round_trip() -> None:
+    # RFC 6531: the client declared SMTPUTF8; a U field after F (and any R, E).
+    env = Envelope("a@example.org", ("b@example.net",), ret="HDRS", utf8=True)
+    raw = env.encode()
+    assert raw == b"Fa@example.org\0RHDRS\0U\0Tb@example.net\0\0"
+    assert decode(raw) == env and decode(raw).utf8
+    assert not decode(b"Fa@example.org\0Tb@example.net\0\0").utf8
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -81,6 +90,9 @@ def test_envelope_round_trip_with_null_sender() -> None:
         b"Fa@b.c\0Xa@b.c\0\0",  # bad field
         b"Fa@b.c\0Tnodomain\0\0",  # bad recipient
         b"Fa@b.c\0T\xff@b.c\0\0",  # not UTF-8
+        b"Fa@b.c\0U1\0Ta@b.c\0\0",  # U takes no value
+        b"Fa@b.c\0U\0U\0Ta@b.c\0\0",  # twice
+        b"Fa@b.c\0Ta@b.c\0U\0\0",  # U belongs to the message, before the recipients
     ],
 )
 def test_bad_envelopes_are_refused(raw: bytes) -> None:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgrave.errors import Result
-from mailgrave.remote.client import Client, SMTPError, Timeouts, wire_format
+from mailgrave.remote.client import Client, SMTPError, Timeouts, header_is_ascii, wire_format
 
 FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2, data_end=2)
 
@@ -371,6 +371,32 @@ def test_wire_format_is_crlf_dot_stuffed_whatever_the_block_boundaries(
     assert b"\r\n.\r\n" not in b"\r\n" + wire  # the body never ends the DATA early
     expected = spool if spool.endswith(b"\n") or not spool else spool + b"\n"
     assert unstuff(wire) == expected
+
+
+@given(st.integers(min_value=1, max_value=9))
+def test_header_is_ascii_looks_at_the_header_only_whatever_the_block_boundaries(
+    size: int,
+) -> None:
+    def split(data: bytes) -> list[bytes]:
+        return [data[i : i + size] for i in range(0, len(data), size)]
+
+    ascii_head = b"From: a@b.c\nSubject: x\n\nGr\xc3\xbc\xc3\x9fe\n"
+    assert header_is_ascii(iter(split(ascii_head)))
+    assert header_is_ascii(iter(split(ascii_head.replace(b"\n", b"\r\n"))))
+    assert header_is_ascii(iter(split(b"\nno header: \xc3\xbc\n")))
+    assert not header_is_ascii(iter(split(b"From: J\xc3\xb6rg <a@b.c>\n\nbody\n")))
+    assert not header_is_ascii(iter(split(b"Subject: x\nTo: \xc3\xbc@b.c")))  # no body
+    # a header line folded over a block boundary, UTF-8 at its end
+    assert not header_is_ascii(iter(split(b"Subject: x\n \xc3\xbc\n\nb\n")))
+
+
+def test_header_is_ascii_reads_no_further_than_the_header() -> None:
+    def blocks() -> Iterator[bytes]:
+        yield b"Subject: x\n"
+        yield b"\nbody\n"
+        raise AssertionError("read past the header")
+
+    assert header_is_ascii(blocks())
 
 
 def test_wire_format_streams_a_huge_line_in_bounded_pieces() -> None:

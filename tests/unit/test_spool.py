@@ -56,12 +56,17 @@ def test_group_sync_shares_fsyncs(tmp_path: Path, monkeypatch) -> None:
 
 def test_entry_round_trip() -> None:
     st = Entry(
-        "1K16M56R1FTXJPY", "a@b.c", [Recipient("x@y.z", attempts=2, last_reply="451 later")], 5.0
+        "1K16M56R1FTXJPY",
+        "a@b.c",
+        [Recipient("x@y.z", attempts=2, last_reply="451 later")],
+        5.0,
+        utf8=True,
     )
     st.recipients.append(Recipient("d@y.z", RecipientState.DELIVERED, status="2.0.0"))
     back = Entry.from_json(st.to_json())
     assert back == st
     assert back.recipients[1].state is RecipientState.DELIVERED
+    assert back.envelope(back.recipients).utf8  # passed on to mailgrave-remote
 
 
 def test_an_entry_written_before_status_and_remote_existed_still_reads() -> None:
@@ -72,7 +77,7 @@ def test_an_entry_written_before_status_and_remote_existed_still_reads() -> None
     )
     back = Entry.from_json(raw)
     assert back.recipients[0].state is RecipientState.FAILED
-    assert back.recipients[0].status == "" and back.bounced == []
+    assert back.recipients[0].status == "" and back.bounced == [] and not back.utf8
 
 
 ENV = b"Fa@b.c\0Tx@y.z\0\0"
