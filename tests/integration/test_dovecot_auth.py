@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import Instance, Processes, free_port, program, wait_for
+from tests.conftest import SAME_USER, Instance, Processes, free_port, program, wait_for
 from tests.integration.test_submission import _connectable, insecure, make_cert, message
 
 PASSWORD = "dovecot horse staple"
@@ -80,7 +80,7 @@ def test_dovecot_checks_plain_and_login_and_down_is_454(
     with log.open("wb") as err:
         processes.start(
             [program("mailgrave-smtpd"), "--config", str(inst.config_path), "--mode", "smtps",
-             "--bind", "127.0.0.1", "--port", str(port)],
+             *SAME_USER, "--bind", "127.0.0.1", "--port", str(port)],
             env={**os.environ, "MAILGRAVE_LOG": "stderr"}, stderr=err,
         )  # fmt: skip
     wait_for(lambda: _connectable(port))
