@@ -133,3 +133,25 @@ def test_help_shows_the_real_defaults() -> None:
         ).stdout.split()
     )
     assert defaults.socket_path("queue.ctrl") in out
+
+
+def test_remote_by_hand_chrooted_as_nobody_delivers(tmp_path: Path, processes: Processes) -> None:
+    from tests.integration.test_remote_delivery import start_peer
+
+    peer = start_peer(processes, tmp_path)
+    inst = Instance(tmp_path)
+    jail = tmp_path / "remote"
+    jail.mkdir(mode=0o755)
+    res = subprocess.run(
+        [
+            *(program("mailgrave-remote"), "--config", str(inst.config_path)),
+            *("--host", f"127.0.0.1:{peer.port}", "--chroot", str(jail), "--user", "nobody"),
+            *("--sender", "a@example.org", "bob@elsewhere.test"),
+        ],
+        input=b"Subject: chrooted\r\n\r\nhi\r\n",
+        capture_output=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert b"\nK" in b"\n" + res.stdout, res.stdout
+    assert [b"Subject: chrooted" in raw for _meta, raw in peer.messages()] == [True]
