@@ -14,6 +14,7 @@ import pytest
 
 from mailgrave import config as configmod
 from tests.conftest import Instance, Processes, free_port, program, wait_for
+from tests.integration.test_submission import _connectable
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="--user and --chroot need root")
 
@@ -65,16 +66,6 @@ def test_smtpd_chrooted_as_nobody_submits_to_a_queue_started_by_hand(
         smtp.sendmail("a@client.example", ["alice@example.org"], b"Subject: by hand\r\n\r\nhi\r\n")
     assert len(inst.spool_entries()) == 1  # queued through /queue.ctrl inside the chroot
     assert status(queue.pid, "Uid")[0] == "0"  # --user root: kept on purpose
-
-
-def _connectable(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import os
 import smtplib
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -366,7 +365,13 @@ def test_authenticated_submission_is_not_checked(
     import ssl
     import subprocess as sp
 
-    from tests.integration.test_submission import PASSWORD, add_user, insecure, make_cert
+    from tests.integration.test_submission import (
+        PASSWORD,
+        _connectable,
+        add_user,
+        insecure,
+        make_cert,
+    )
 
     cert, tls_key = make_cert(tmp_path)
     inst = Instance(
@@ -386,7 +391,7 @@ def test_authenticated_submission_is_not_checked(
     args += ["--listen", f"127.0.0.1:{port}", "--smtps", f"127.0.0.1:{smtps}"]
     with (tmp_path / "run.log").open("wb") as log:
         proc = processes.start(args, stdout=sp.DEVNULL, stderr=log)
-    wait_for(lambda: connectable(smtps) or proc.poll() is not None)
+    wait_for(lambda: _connectable(smtps) or proc.poll() is not None)
     assert proc.poll() is None, (tmp_path / "run.log").read_text()
     forged = sign(message("a@signed.test", "from carol"), key[0]).replace(b"there.", b"THERE!")
     ctx: ssl.SSLContext = insecure()
@@ -402,14 +407,6 @@ def test_authenticated_submission_is_not_checked(
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             smtp.sendmail("a@fail.test", ["alice@example.org"], forged)
         assert refused.value.smtp_code == 550  # SPF fail, at MAIL FROM
-
-
-def connectable(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 def queue_pid(run_pid: int) -> int:
