@@ -64,8 +64,8 @@ def plan(
     mailgrave-local, which must start as root to become each recipient).
     """
     root = os.geteuid() == 0
-    if root and user is None and chroot is None:
-        if required and not handed_over:
+    if user is None and chroot is None:  # stay who we are
+        if root and required and not handed_over:
             raise PrivsError(
                 "refusing to run as root: name the user to become with --user NAME"
                 " (--user root to keep root on purpose)",
