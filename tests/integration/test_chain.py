@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Instance, Processes, free_port, wait_for
+from tests.integration.killstages import proc_table
 
 
 def delivered(inst: Instance, user: str) -> list[email.message.EmailMessage]:
@@ -127,19 +128,7 @@ def test_thousand_parallel_injections_each_delivered_once(
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            out.append((int(entry), cmd))
-    return out
+    return [(child, cmd) for child, (ppid, cmd) in proc_table().items() if ppid == pid]
 
 
 @pytest.mark.slow
