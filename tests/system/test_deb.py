@@ -704,6 +704,8 @@ def test_kill_9_of_every_unit_under_load_loses_no_acknowledged_message(box: Cont
         with configured(
             box,
             f'relay_networks: [127.0.0.0/8, "::1/128", {HOST_ADDR}/32]\n'
+            # No AUTH here: the users the submission test added need its smtpd.tls.
+            "auth: {users_file: /etc/mailgrave/no-users}\n"
             "queue:\n"
             "  retry: [1s]\n"
             "  lifetime: 1h\n"
