@@ -8,8 +8,21 @@ sets ``MAILGRAVE_STRESS_REPORT`` (a JSON-lines file it reads back) and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+from pathlib import Path
+from types import ModuleType
+
+
+def bench_stress() -> ModuleType:
+    """bench/stress.py as a module (its fuzz mutator and helpers; bench/ is no package)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "stress.py"
+    spec = importlib.util.spec_from_file_location("stress", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def seconds(short: float) -> float:

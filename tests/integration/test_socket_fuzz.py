@@ -9,7 +9,6 @@ queued for, or reaches, a non-local recipient."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import re
@@ -19,26 +18,16 @@ import socket
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 
 from tests import stressreport
 from tests.conftest import Instance, Processes, free_port, read_spool_file, wait_for
 from tests.integration.test_remote_delivery import start_peer
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 WORKERS = 4
 TIMEOUT = 3.0  # smtpd.timeout and command_deadline: a silent client is dropped after this
 HANG = TIMEOUT + 15.0  # a connection the server has not ended by then hangs
 REPLY_LINE = re.compile(rb"\A[2-5]\d\d[ -][^\r\n]*\Z")
 LOCAL_DOMAINS = {b"example.org", b"mx.example.org", b"localhost"}
-
-
-def mutator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stress", ROOT / "bench" / "stress.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def well_formed(output: bytes) -> bool:
@@ -93,7 +82,7 @@ def one_case(port: int, data: bytes, rng: random.Random, half_close: bool) -> tu
 
 
 def worker(port: int, seed: int, until: float, tally: Tally) -> None:
-    fuzz = mutator()
+    fuzz = stressreport.bench_stress()
     corpus = fuzz.seeds()
     rng = random.Random(seed)
     while time.monotonic() < until:

@@ -3,20 +3,11 @@ real dialogs, split at random points, through the protocol core; nothing escapes
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
-from types import ModuleType
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests import stressreport
 
-
-def stress() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stress", ROOT / "bench" / "stress.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+stress = stressreport.bench_stress
 
 
 def test_5000_mutated_dialogs_raise_nothing_and_hang_nowhere() -> None:
