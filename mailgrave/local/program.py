@@ -424,7 +424,9 @@ def _combine(results: list[Result]) -> Result:
         for r in results:
             if r.code == code:
                 return r
-    return Result(OK, "2.0.0", "; ".join(r.reply_text() for r in results))
+    if len(results) == 1:
+        return results[0]
+    return Result(OK, "2.0.0", "; ".join(r.text for r in results))
 
 
 def deliver(config: Config, router: Router, fd: int, sender: str, rcpt: str, qid: str) -> Result:

@@ -41,6 +41,9 @@ def test_sendmail_to_virtual_maildir(instance: Instance, processes: Processes) -
     assert msg["Return-Path"] and msg["Received"]
     assert msg.get_content() == "hello\n"
     wait_for(lambda: instance.spool_entries() == [])
+    # The journal line says the status once: 'reply="2.0.0 delivered to maildir ..."'.
+    log = instance.log.read_text()
+    assert 'via=local reply="2.0.0 delivered to maildir ' in log, log
 
 
 @pytest.mark.parametrize(
