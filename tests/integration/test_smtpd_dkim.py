@@ -191,6 +191,51 @@ def test_signed_by_dkimpy_passes(
     assert (dm.result, dm.header_from) == ("pass", "signed.test")
 
 
+def test_signed_by_a_second_mailgrave_passes(
+    recording: tuple[Instance, int],
+    key: tuple[bytes, str],
+    tmp_path: Path,
+    processes: Processes,
+) -> None:
+    # A second MailGrave signs (dkim.sign, the module's key as signed.test's
+    # "sel") what is injected on it and relays it to the recording one, which
+    # finds dkim=pass and DMARC passing by that signature's alignment.
+    inst, port = recording
+    pem = tmp_path / "k.pem"
+    pem.write_bytes(key[0])
+    traditional = tmp_path / "signed.test.sel.key"  # PKCS#1, as dkim.sign wants it
+    subprocess.run(
+        ["openssl", "rsa", "-in", str(pem), "-traditional", "-out", str(traditional)],
+        check=True,
+        capture_output=True,
+    )
+    traditional.chmod(0o600)
+    (tmp_path / "signer").mkdir()
+    signer = Instance(
+        tmp_path / "signer",
+        hostname="signer.example.net",
+        local_domains=["signer.example.net"],
+        dkim={"sign": {"signed.test": {"selector": "sel", "key": str(traditional)}}},
+        remote={"routes": {"example.org": f"[127.0.0.1]:{port}"}, "tls": "none"},
+    )
+    signer.settings["local"]["virtual"] = {}  # alice@example.org is the other one's
+    signer.write_config()
+    signer.start(processes)
+    text = message("a@signed.test", "signed by a second mailgrave", b"Hello,  \r\n\r\n\r\n")
+    res = signer.sendmail("-f", "a@signed.test", "alice@example.org", data=text)
+    assert res.returncode == 0, res.stderr
+    try:
+        header = received(inst, "signed by a second mailgrave")
+    except AssertionError:
+        raise AssertionError(signer.log.read_text()[-3000:]) from None
+    [d] = clauses(header, "dkim")
+    assert (d.result, d.header_d, d.header_s) == ("pass", "signed.test", "sel")
+    [dm] = clauses(header, "dmarc")
+    assert (dm.result, dm.header_from) == ("pass", "signed.test")
+    raw = next(m for m in inst.messages("alice") if b"signed by a second mailgrave" in m)
+    assert raw.lower().count(b"\ndkim-signature:") == 1
+
+
 def test_modified_message_fails_dkim_and_dmarc(
     recording: tuple[Instance, int], key: tuple[bytes, str]
 ) -> None:
