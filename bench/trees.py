@@ -79,7 +79,10 @@ def child(tree: str, count: int) -> dict[str, float]:
     if listener == 0:
         with open(os.devnull, "wb") as null:  # the listener's log lines
             os.dup2(null.fileno(), 2)
-        os._exit(program.main(["--config", config, "--bind", "127.0.0.1", "--port", str(port)]))
+        argv = ["--config", config, "--bind", "127.0.0.1", "--port", str(port)]
+        if os.getuid() == 0 and "--user" in Path(program.__file__).read_text():
+            argv += ["--user", "root"]  # since issue 12 root must say so
+        os._exit(program.main(argv))
     try:
         deadline = time.monotonic() + 30
         while True:
