@@ -149,8 +149,13 @@ class Listener:
         return (bool(cap) and per_client >= cap) or len(self.children) >= reserve
 
     def reap(self) -> None:
-        for pid, _tag, _status in self.procs.reap():
-            self.children.pop(pid, None)
+        for pid, _tag, status in self.procs.reap():
+            ip = self.children.pop(pid, None)
+            if status < 0 and not self.stopping:
+                # A session the kernel or someone ended (OOM killer, a crash, kill -9):
+                # the child could not say so itself.
+                who = f"client [{ip}]" if ip else "no client yet"
+                log.warning("session process %d (%s) killed by %s", pid, who, _signame(-status))
             self._forget_live(pid)
             self.leaving.discard(pid)
             spare = self.spares.pop(pid, None)
@@ -283,6 +288,13 @@ class Listener:
         self.live[pid] = ours
         conn.close()
         self._check_stress()
+
+
+def _signame(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 WARM_UP = (

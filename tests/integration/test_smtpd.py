@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import smtplib
 import socket
 import ssl
@@ -719,3 +720,30 @@ def test_a_failed_handshake_logs_openssl_s_reason(
         lambda: [t for t in errlog.read_text().splitlines() if "TLS handshake" in t], timeout=10
     )[0]
     assert "failed: http request" in line, line
+
+
+def test_a_session_killed_by_a_signal_is_reported(
+    queue_chain: Instance, processes: Processes, tmp_path: Path
+) -> None:
+    # The OOM killer or a crash ends a session without a word from it: the
+    # listener says which process, which client and which signal.
+    port = free_port()
+    log_path = tmp_path / "smtpd.log"
+    with log_path.open("wb") as log:
+        proc = processes.start(
+            [program("mailgrave-smtpd"), "--config", str(queue_chain.config_path),
+             "--bind", "127.0.0.1", "--port", str(port), *SAME_USER],
+            env={**os.environ, "MAILGRAVE_LOG": "stderr"},
+            stderr=log,
+        )  # fmt: skip
+    wait_for(lambda: _can_connect(port))
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        assert recv_reply(client).startswith(b"220")
+        pid = wait_for(lambda: _serving_child(proc.pid, client))
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: "killed by" in log_path.read_text())
+    line = next(x for x in log_path.read_text().splitlines() if "killed by" in x)
+    assert f"session process {pid} (client [127.0.0.1]) killed by SIGKILL" in line, line
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert log_path.read_text().count("killed by") == 1  # not the sessions it stops itself
