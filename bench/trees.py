@@ -46,6 +46,15 @@ def _stat(pid: int) -> list[int]:
     return [int(x) for x in fields[7:15]]
 
 
+def _rss_kib(pid: int) -> int:
+    """The listener's resident set: each fork copies its page tables, each child's
+    exit unmaps it, so a bigger listener costs every connection more."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def _send(port: int, count: int) -> None:
     for _ in range(count):
         with smtplib.SMTP("127.0.0.1", port) as client:
@@ -99,6 +108,7 @@ def child(tree: str, count: int) -> dict[str, float]:
         _send(port, count)
         time.sleep(1)  # the last children reaped
         after = _stat(listener)
+        rss_kib = _rss_kib(listener)
     finally:
         for pid in (listener, queue):
             os.kill(pid, signal.SIGKILL)
@@ -117,6 +127,7 @@ def child(tree: str, count: int) -> dict[str, float]:
         "child_ms": (d[6] + d[7]) / CLK_TCK / count * 1000,
         "own_faults": d[0] / count,
         "child_faults": d[1] / count,
+        "rss_mb": rss_kib / 1024,
     }
 
 
@@ -146,13 +157,13 @@ def main() -> int:
                 print(f"trees: {tree}: {out.stderr.strip()[-500:]}", file=sys.stderr)
                 return 1
             runs[tree].append(json.loads(out.stdout.splitlines()[-1]))
-    cols = ("own_ms", "child_ms", "own_faults", "child_faults")
+    cols = ("own_ms", "child_ms", "own_faults", "child_faults", "rss_mb")
     print(f"{args.rounds} alternated runs of {args.count} connections each; medians\n")
-    print("| tree | listener CPU ms | child CPU ms | listener faults | child faults |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| tree | listener CPU ms | child CPU ms | listener faults | child faults | listener RSS MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for tree, results in runs.items():
         med = [statistics.median(r[c] for r in results) for c in cols]
-        print(f"| {tree} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.0f} | {med[3]:.0f} |")
+        print(f"| {tree} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.0f} | {med[3]:.0f} | {med[4]:.1f} |")
     return 0
 
 
