@@ -709,7 +709,7 @@ def profile(mg: MailGrave, args: argparse.Namespace, *recipients: str) -> str:
     return "\n\n".join(out)
 
 
-def run(args: argparse.Namespace) -> str:
+def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, float, float, str, bool]]]:
     base = Path(tempfile.mkdtemp(prefix="mailgrave-bench-", dir=args.workdir))
     os.chmod(base, 0o755)
     log(f"scratch directory {base}")
@@ -866,7 +866,7 @@ def run(args: argparse.Namespace) -> str:
     out = table.render()
     if extra:
         out += "\n\n" + "\n\n".join(f"{k}: {v}" for k, v in extra.items())
-    return out
+    return out, table.rows
 
 
 def machine() -> str:
@@ -923,10 +923,11 @@ def main(argv: list[str] | None = None) -> int:
     precompile()
     t0 = time.monotonic()
     header = f"Machine: {machine()}\nDisk: {disk(args.workdir)}"
-    table = run(args)
+    table, rows = run(args)
     print(f"\n{header}\nRun: {time.monotonic() - t0:.0f} s, --count {args.count}\n\n{table}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": header, "table": table}, indent=1))
+        record = {"machine": header, "table": table, "rows": rows}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 
 

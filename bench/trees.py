@@ -159,11 +159,15 @@ def main() -> int:
             runs[tree].append(json.loads(out.stdout.splitlines()[-1]))
     cols = ("own_ms", "child_ms", "own_faults", "child_faults", "rss_mb")
     print(f"{args.rounds} alternated runs of {args.count} connections each; medians\n")
-    print("| tree | listener CPU ms | child CPU ms | listener faults | child faults | listener RSS MB |")
+    print(
+        "| tree | listener CPU ms | child CPU ms | listener faults | child faults "
+        "| listener RSS MB |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for tree, results in runs.items():
         med = [statistics.median(r[c] for r in results) for c in cols]
-        print(f"| {tree} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.0f} | {med[3]:.0f} | {med[4]:.1f} |")
+        cells = f"{med[0]:.2f} | {med[1]:.2f} | {med[2]:.0f} | {med[3]:.0f} | {med[4]:.1f}"
+        print(f"| {tree} | {cells} |")
     return 0
 
 
