@@ -366,7 +366,7 @@ class MailGrave(System):
         self.config.write_text(json.dumps(settings, indent=1) + "\n")
 
     def start(self) -> None:
-        args = [str(VENV_BIN / "mailgrave"), "--config", str(self.config), "run"]
+        args = [str(launchers() / "mailgrave"), "--config", str(self.config), "run"]
         args += ["--listen", f"127.0.0.1:{self.port}"]
         with (self.base / "run.log").open("wb") as errlog:
             self.proc = subprocess.Popen(
@@ -410,6 +410,14 @@ class MailGrave(System):
 
 
 SOURCE: Path | None = None  # --source: a snapshot of the package instead of the checkout
+
+
+def launchers() -> Path:
+    """Where the programs' launchers are: a --source tree's own venv when it has
+    one (``make venv`` there), since launchers name the modules of their own layout."""
+    if SOURCE and (SOURCE / ".venv" / "bin" / "mailgrave").exists():
+        return SOURCE / ".venv" / "bin"
+    return VENV_BIN
 
 
 def mailgrave_env() -> dict[str, str]:
@@ -826,7 +834,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[tuple[str, float, float, st
                     "-a",
                     # It passes only the variables named with -E to the program.
                     *[f"-E{k}={v}" for k, v in mailgrave_env().items() if k == "PYTHONPATH"],
-                    str(VENV_BIN / "mailgrave-smtpd"),
+                    str(launchers() / "mailgrave-smtpd"),
                     "--config",
                     str(mg.config),
                 ],
