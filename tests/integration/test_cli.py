@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -298,3 +299,34 @@ def test_config_before_or_after_every_sub_command(tmp_path: Path, processes: Pro
     assert res.returncode == 0, res.stderr
     assert mg("user", "list", "--config", cfg).stdout == b"alice\n"
     assert mg("user", "del", "alice", "--config", cfg).returncode == 0
+
+
+def test_queue_json_lines_for_scripts(instance: Instance, processes: Processes) -> None:
+    a, _b, _c = _queue_three(instance, processes)
+    assert instance.sendmail("new@remote.test", data=b"Subject: new\n\nx\n").returncode == 0
+    assert instance.run("mailgrave", "queue", "hold", a).returncode == 0
+    for argv in (("queue", "--json"), ("queue", "list", "--json"), ("queue", "--json", "list")):
+        res = instance.run("mailgrave", *argv)
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.decode().splitlines()
+        records = {r["queue_id"]: r for r in map(json.loads, lines)}
+        assert len(lines) == len(records) == 4
+        held = records[a]
+        assert (held["queue_name"], held["held"]) == ("hold", True) and "@" in held["sender"]
+        [new] = [r for r in records.values() if r["recipients"][0]["address"] == "new@remote.test"]
+        assert new["queue_name"] == "active" and new["recipients"][0]["attempts"] == 0
+        assert new["recipients"][0]["next_attempt"] is None
+        deferred = [r for r in records.values() if r["queue_name"] == "deferred"]
+        assert len(deferred) == 2
+        for r in deferred:
+            [rcpt] = r["recipients"]
+            assert rcpt["state"] == "pending" and rcpt["attempts"] == 1
+            assert rcpt["next_attempt"] > r["arrival_time"]
+            assert "delivery agent unreachable (remote.ctrl)" in rcpt["delay_reason"]
+            assert r["message_size"] > 0 and r["age_seconds"] >= 0
+    res = instance.run("mailgrave", "queue", "--json", "show", a)
+    assert res.returncode == 64 and b"--json is for queue list" in res.stderr
+    # An empty queue prints nothing (not "Mail queue is empty"): `| jq` sees no object.
+    assert instance.run("mailgrave", "queue", "delete", "--all").returncode == 0
+    res = instance.run("mailgrave", "queue", "--json")
+    assert (res.returncode, res.stdout) == (0, b"")
