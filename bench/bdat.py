@@ -91,7 +91,7 @@ def start_peer(work: str) -> tuple[int, subprocess.Popen[bytes], int]:
         "remote: {dns: {nameservers: [127.0.0.1]}}\n"
     )
     port = free_port()
-    argv = [sys.executable, "-m", "mailgrave.smtpd", "--config", config]
+    argv = [sys.executable, "-P", "-m", "mailgrave.smtpd", "--config", config]  # -P: not the cwd
     argv += ["--bind", "127.0.0.1", "--port", str(port)]
     if os.getuid() == 0:
         argv += ["--user", "root"]
