@@ -121,11 +121,14 @@ clean:
 
 # MailGrave against Postfix on loopback (root): installs Postfix without starting
 # it, runs both side by side, prints the table; Postfix is stopped at the end.
+# Then what one smtpd connection costs, and BDAT against DATA in mailgrave-remote
+# (about 20 s; BDAT_ARGS="--rounds 9 --scale 2" for more).
 bench: venv
 	bench/install-postfix.sh
 	$(BIN)/python -m pip install -q --disable-pip-version-check py-spy
 	$(BIN)/python bench/bench.py --profile build/bench/profile $(BENCH_ARGS)
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -S bench/forkfloor.py
+	$(BIN)/python bench/bdat.py $(BDAT_ARGS)
 
 # Faults and hostile input (issue 13; root for the tmpfs parts): the relay
 # battery, the hostile corpus, slowness and floods, a full disk,
