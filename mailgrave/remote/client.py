@@ -36,6 +36,11 @@ class Timeouts(Record):
     data_end: float = 600.0
 
 
+# The stages of a message's final answer (after DATA's dot, after BDAT ... LAST).
+END_OF_DATA = "end of data"
+END_OF_BDAT = "BDAT LAST"
+
+
 class SMTPError(Exception):
     """A failed exchange: ``reply`` (None for a network failure) from ``host``,
     ``stage``, ``permanent``; ``status`` the enhanced code when there is no reply."""
@@ -58,6 +63,18 @@ class SMTPError(Exception):
         self.host = host
         self.status = status or ("5.5.0" if permanent else "4.4.2")
         self.transcript: list[str] = []  # of a session that failed before it was handed out
+
+    @property
+    def before_the_message(self) -> bool:
+        """Failed at MAIL or RCPT: no octet of the message had been sent, so the
+        same transaction may be tried at once on a new connection."""
+        return self.stage in ("MAIL", "MAIL FROM", "RCPT", "RCPT TO")
+
+    @property
+    def answer_lost(self) -> bool:
+        """The whole message went and its final answer did not come: the peer may
+        have taken it (RFC 1047), so trying it now elsewhere could deliver it twice."""
+        return self.reply is None and self.stage in (END_OF_DATA, END_OF_BDAT)
 
     def result(self) -> Result:
         """The result for every recipient this failure applies to."""
@@ -84,15 +101,15 @@ class Client:
 
     # --- low level ---------------------------------------------------------------
 
-    def _readline(self) -> bytes:
+    def _readline(self, stage: str) -> bytes:
         while b"\n" not in self._buf:
             if len(self._buf) > MAX_LINE:
                 self.broken = True
-                raise SMTPError("reply line too long", "reply", False)
+                raise SMTPError(f"reply line to {stage} too long", stage, False)
             data = self.sock.recv(4096)
             if not data:
                 self.broken = True
-                raise SMTPError("connection closed by the server", "reply", False)
+                raise SMTPError(f"connection closed by the server during {stage}", stage, False)
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         return line.rstrip(b"\r")
@@ -102,7 +119,7 @@ class Client:
         lines: list[str] = []
         try:
             while True:
-                raw = self._readline()
+                raw = self._readline(stage)
                 text = raw.decode("utf-8", "replace").translate(_PRINTABLE)
                 if len(text) < 3 or not text[:3].isdigit():
                     self.broken = True
@@ -313,7 +330,7 @@ class Client:
             self._send_octets(chunk, "DATA")
         self._send_octets(b".\r\n", "DATA")
         self.transcript.append(">>> (message)")
-        final = self.read_reply(self.timeouts.data_end, "end of data")
+        final = self.read_reply(self.timeouts.data_end, END_OF_DATA)
         if not final.ok:
             raise self._fail(final, "end of DATA")
         done = Result("K", final.enhanced or "2.0.0", str(final), self.name)
@@ -358,7 +375,8 @@ class Client:
             if not pipelined or last:
                 timeout = self.timeouts.data_end if last else self.timeouts.data_block
                 while sent:
-                    reply = self.read_reply(timeout, "BDAT")
+                    stage = END_OF_BDAT if last and sent == 1 else "BDAT"
+                    reply = self.read_reply(timeout, stage)
                     sent -= 1
                     if not reply.ok and failure is None:
                         failure = reply

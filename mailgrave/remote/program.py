@@ -329,8 +329,13 @@ class Delivery:
                             client.quit()
                         else:
                             transcript += exc.transcript
-                        if exc.reply is None and not fresh and exc.stage != "DATA":
+                        if exc.reply is None and not fresh and exc.before_the_message:
                             continue  # a cached session had gone stale: open a new one
+                        if exc.answer_lost:
+                            # Later, not now at another host: it may have arrived here.
+                            lost = exc.result()
+                            lost = lost.replace(text=f"{lost.text}; it may have arrived")
+                            return [lost] * len(rcpts), transcript
                         setup = exc.stage in ("the greeting", "HELO")
                         if exc.permanent or (exc.reply is not None and not setup):
                             return [exc.result()] * len(rcpts), transcript

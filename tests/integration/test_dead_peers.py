@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SAME_USER, Instance, Processes, free_port, wait_for
-from tests.integration.dnsserver import dead_dns_server
+from tests.integration.dnsserver import dead_dns_server, dns_server
 from tests.integration.test_remote_delivery import start_peer
 from tests.integration.test_smtpd import recv_reply
 
@@ -31,13 +31,14 @@ SLACK = 10.0
 class DeadPeer:
     """A TCP server on loopback that stops answering at ``stage``: ``greeting``
     (accepts, never greets), ``ehlo`` (greets and answers EHLO, then nothing),
-    ``data`` (answers up to 354 and reads the message, never the final dot).
+    ``data`` (answers up to 354 and reads the message, never the final dot);
+    ``none`` answers everything (a plain SMTP peer without extensions).
     Each connection's life, from accept to the client's close, is recorded."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, address: str = "127.0.0.1", port: int = 0) -> None:
         self.stage = stage
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
+        self.listener.bind((address, port))
         self.listener.listen(16)
         self.listener.settimeout(0.2)
         self.port = int(self.listener.getsockname()[1])
@@ -86,6 +87,16 @@ class DeadPeer:
                     if verb in (b"EHLO", b"HELO"):
                         conn.sendall(b"250 dead.test\r\n")
                         answering = self.stage != "ehlo"
+                    elif verb == b"DATA" and self.stage == "none":
+                        conn.sendall(b"354 go on\r\n")
+                        while not buf.endswith(b"\r\n.\r\n"):
+                            more = conn.recv(65536)
+                            if not more:
+                                return
+                            self.got += more
+                            buf += more
+                        buf = b""
+                        conn.sendall(b"250 2.0.0 taken\r\n")
                     elif verb == b"DATA":
                         conn.sendall(b"354 go on\r\n")
                         answering = False  # reads the message, never answers the dot
@@ -302,3 +313,44 @@ def test_record_under_a_dead_dns_accepts_with_temperror_in_bounded_time(
     assert b"spf=temperror" in field
     assert field.count(b"dkim=temperror") == 8, field
     assert b"dmarc=temperror" in field
+
+
+@pytest.mark.parametrize("stage", ["data", "ehlo"])
+def test_no_answer_to_the_final_dot_is_deferred_not_sent_to_the_next_mx(
+    tmp_path: Path, stage: str
+) -> None:
+    # RFC 1047: once the whole message has gone, a lost answer means the first MX
+    # may have it; sending it to the second now would deliver it twice. A failure
+    # before the message (here: no answer after EHLO) still moves on to the next MX.
+    with ExitStack() as stack:
+        first = DeadPeer(stage, "127.0.0.1")
+        stack.callback(first.close)
+        second = DeadPeer("none", "127.0.0.2", first.port)
+        stack.callback(second.close)
+        zone: dict[str, list[tuple[Any, ...]]] = {
+            "dup.test": [("MX", 10, "mx1.dup.test."), ("MX", 20, "mx2.dup.test.")],
+            "mx1.dup.test": [("A", "127.0.0.1")],
+            "mx2.dup.test": [("A", "127.0.0.2")],
+        }
+        dns_port, _ = stack.enter_context(dns_server(zone))
+        inst = Instance(
+            tmp_path,
+            remote={
+                "port": first.port,
+                "timeout": "2s",
+                "connect_timeout": "2s",
+                "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"},
+            },
+        )
+        res = inst.run(
+            "mailgrave-remote", *SAME_USER, "--sender", "alice@example.org", "x@dup.test",
+            input=b"Subject: once\n\nbody\n",
+        )  # fmt: skip
+        [line] = [x for x in res.stdout.decode().splitlines() if not x.startswith("|")]
+        if stage == "data":
+            assert b"Subject: once" in first.got
+            assert line.startswith("Z") and "it may have arrived" in line, line
+            assert second.got == b"", "the message went to the second MX as well"
+        else:
+            assert line.startswith("K") and "mx2.dup.test" in line, line
+            assert b"Subject: once" in second.got

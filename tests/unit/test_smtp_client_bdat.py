@@ -97,3 +97,43 @@ def test_data_without_chunking() -> None:
     )
     peer.finish()
     assert results[0].code == "K"
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+def test_an_answer_lost_after_the_whole_message_is_not_a_stale_session(chunking: bool) -> None:
+    # The connection drops after BDAT ... LAST (or DATA's dot): the peer may have
+    # the message, so mailgrave-remote must not send it again at once elsewhere.
+    def script(p: Peer) -> None:
+        p.greet("250-mx.test", "250-PIPELINING", *(["250-CHUNKING"] if chunking else []), "250 OK")
+        p.read(), p.read()
+        p.say("250 ok", "250 ok")
+        if chunking:
+            assert read_chunk(p) == (b"BDAT 3 LAST\r\n", b"x\r\n")
+        else:
+            assert p.read() == b"DATA\r\n"
+            p.say("354 go on")
+            while p.read() != b".\r\n":
+                pass
+
+    peer = Peer(script)
+    client = peer.connect()
+    client.greet("me.test")
+    with pytest.raises(SMTPError) as info:
+        client.deliver("s@a.test", ["a@b.test"], message(b"x\n"), 2, False, chunks=iter([b"x\r\n"]))
+    peer.finish()
+    assert info.value.answer_lost and not info.value.before_the_message
+    assert info.value.result().code == "Z"
+
+
+def test_a_drop_at_mail_is_before_the_message() -> None:
+    def script(p: Peer) -> None:
+        p.greet("250-mx.test", "250-PIPELINING", "250 CHUNKING")
+        p.read()
+
+    peer = Peer(script)
+    client = peer.connect()
+    client.greet("me.test")
+    with pytest.raises(SMTPError) as info:
+        client.deliver("s@a.test", ["a@b.test"], message(b"x\n"), 2, False, chunks=iter([b"x\r\n"]))
+    peer.finish()
+    assert info.value.before_the_message and not info.value.answer_lost
