@@ -11,7 +11,6 @@ that user's mail, and only theirs, until the connection ends.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import grp
 import os
@@ -44,6 +43,7 @@ from mailgrave.proc import bind_unix, serve_forks
 from mailgrave.recipients import Router, Target, parse_alias_items
 from mailgrave.sd import listen_fds, stdin_socket
 from mailgrave.spool import blocks, scratch_entry
+from mailgrave.stageargs import stage_parser
 
 log = logmod.getLogger(__name__)
 
@@ -555,14 +555,13 @@ def by_hand(config: Config, sender: str, qid: str, rcpts: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mailgrave-local",
-        description="Deliver to local mailboxes as the recipient. By hand: message on "
+    parser = stage_parser(
+        "mailgrave-local",
+        "Deliver to local mailboxes as the recipient. By hand: message on "
         "standard input, one K/Z/D result line per recipient. As a service: local.ctrl "
         "sockets from LISTEN_FDS, or the connection on standard input.",
+        sender=True,
     )
-    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
-    parser.add_argument("--sender", default="", help="envelope sender (by hand; default: <>)")
     parser.add_argument(
         "--qid", default="-", help="queue id for the logs (by hand; default: %(default)s)"
     )
@@ -574,7 +573,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{configmod.Config().socket_path('local.ctrl')}). No --user: mailgrave-local starts "
         "as root and becomes each recipient",
     )
-    parser.add_argument("--debug", action="store_true", help="log debugging detail")
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
     logmod.setup("local", args.debug)

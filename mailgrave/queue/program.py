@@ -9,7 +9,6 @@ exit after an idle period.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pwd
 import socket
@@ -27,6 +26,7 @@ from mailgrave.queue.authcheck import Checker
 from mailgrave.queue.inbound import Inbound
 from mailgrave.sd import listen_fds, peer_uid, stdin_socket
 from mailgrave.spool import GroupSync, Spool, Submission
+from mailgrave.stageargs import stage_parser
 
 log = logmod.getLogger(__name__)
 
@@ -243,13 +243,12 @@ def by_hand(queue: Queue) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = configmod.Config()
-    parser = argparse.ArgumentParser(
-        prog="mailgrave-queue",
-        description="Put a message into the MailGrave spool, durably. By hand: message "
+    parser = stage_parser(
+        "mailgrave-queue",
+        "Put a message into the MailGrave spool, durably. By hand: message "
         "on fd 0, envelope on fd 1 (like qmail-queue). As a service: queue.ctrl "
         "sockets from LISTEN_FDS, or --in PATH.",
     )
-    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
     parser.add_argument(
         "--in",
         dest="listen",
@@ -263,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
         help="started as root: become NAME (and its groups) once --in is bound; required "
         "as root unless the sockets are handed over (default: stay who we are)",
     )
-    parser.add_argument("--debug", action="store_true", help="log debugging detail")
     args = parser.parse_args(argv)
     logmod.setup("queue", args.debug)
     config = configmod.load_or_exit(args.config, "mailgrave-queue")

@@ -10,7 +10,6 @@ same destination.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import ssl
@@ -37,6 +36,7 @@ from mailgrave.remote.route import (
 )
 from mailgrave.sd import listen_fds, stdin_socket
 from mailgrave.spool import blocks, message_size, scratch_entry
+from mailgrave.stageargs import stage_parser
 
 log = logmod.getLogger(__name__)
 
@@ -410,14 +410,13 @@ def by_hand(delivery: Delivery, sender: str, rcpts: list[str], fd: int, utf8: bo
 
 def main(argv: list[str] | None = None) -> int:
     defaults = configmod.Config()
-    parser = argparse.ArgumentParser(
-        prog="mailgrave-remote",
-        description="Deliver mail to remote SMTP servers. By hand: message on standard input, "
+    parser = stage_parser(
+        "mailgrave-remote",
+        "Deliver mail to remote SMTP servers. By hand: message on standard input, "
         "one K/Z/D line per recipient. As a service: remote.ctrl sockets from LISTEN_FDS, "
         "--in PATH, or the connection on standard input.",
+        sender=True,
     )
-    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
-    parser.add_argument("--sender", default="", help="envelope sender (by hand; default: <>)")
     parser.add_argument(
         "--host", metavar="HOST[:PORT]", help="send to this host, no routing (default: routes, MX)"
     )
@@ -462,7 +461,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the sender used SMTPUTF8 (by hand): UTF-8 in the header then needs it",
     )
-    parser.add_argument("--debug", action="store_true", help="log debugging detail")
     parser.add_argument("recipients", nargs="*", metavar="RCPT")
     args = parser.parse_args(argv)
     logmod.setup("remote", args.debug)

@@ -8,7 +8,6 @@ started while one holds the lock leaves at once: the first picks up new mail.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -19,24 +18,23 @@ from mailgrave import privs
 from mailgrave.errors import EXIT_OK, EXIT_TEMP
 from mailgrave.send.scheduler import Scheduler
 from mailgrave.spool import Spool
+from mailgrave.stageargs import stage_parser
 
 log = logmod.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mailgrave-send",
-        description="Deliver what is due in the MailGrave spool, then exit. Started by "
+    parser = stage_parser(
+        "mailgrave-send",
+        "Deliver what is due in the MailGrave spool, then exit. Started by "
         "mailgrave-send.path (new mail) and mailgrave-send.timer (retries), or by hand.",
     )
-    parser.add_argument("--config", help=f"configuration file (default: {configmod.DEFAULT_PATH})")
     parser.add_argument(
         "--user",
         metavar="NAME",
         help="started as root: become NAME (and its groups) first; required as root "
         "(default: stay who we are)",
     )
-    parser.add_argument("--debug", action="store_true", help="log debugging detail")
     args = parser.parse_args(argv)
     logmod.setup("send", args.debug)
     config = configmod.load_or_exit(args.config, "mailgrave-send")
