@@ -114,6 +114,30 @@ def test_bdat_chunks_from_a_raw_socket_are_delivered(chain: Chain) -> None:
     assert b"Subject: chunked\n" in raw
 
 
+def test_bdat_driven_by_smtplib_one_chunk_at_a_time(chain: Chain) -> None:
+    # smtplib has no BDAT of its own (nor has swaks 20201014): its session, EHLO,
+    # MAIL and RCPT, then each chunk sent with send() and its reply read with
+    # getreply(), without pipelining, as a client that waits for each reply does.
+    before = len(chain.inst.messages("alice"))
+    chunks = [b"Subject: smtplib chunks\r\n\r\n", b"first part\r\n" * 300, b"last line\r\n"]
+    with smtplib.SMTP("127.0.0.1", chain.port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        assert smtp.has_extn("chunking")
+        assert smtp.mail("sender@client.test")[0] == 250
+        assert smtp.rcpt("alice@example.org")[0] == 250
+        for i, chunk in enumerate(chunks):
+            last = " LAST" if i == len(chunks) - 1 else ""
+            smtp.send(b"BDAT %d%s\r\n" % (len(chunk), last.encode()) + chunk)
+            code, text = smtp.getreply()
+            assert code == 250, text
+        assert text.startswith(b"2.0.0 Ok: queued as ")
+    wait_for(lambda: len(chain.inst.messages("alice")) > before)
+    raw = chain.inst.messages("alice")[-1]
+    assert b"Subject: smtplib chunks\n" in raw and raw.endswith(
+        b"first part\n" * 300 + b"last line\n"
+    )
+
+
 def test_bdat_hostile_cases(chain: Chain) -> None:
     """Size lies are read and discarded (then 552), BDAT mixed with DATA and BDAT
     outside a transaction are refused, and no chunk's octets become commands."""
