@@ -320,6 +320,11 @@ def test_busy_site_alternative_listen_fds(box: Container) -> None:
     box.run("systemctl", "disable", "--now", "mailgrave.socket")
     box.run("systemctl", "enable", "--now", "mailgrave-smtpd.socket")
     try:
+        # What a reboot starts: the switch left the chain enabled, not only running.
+        chain = ["mailgrave-queue.socket", "mailgrave-local.socket", "mailgrave-remote.socket"]
+        chain += ["mailgrave-send.path", "mailgrave-send.timer"]
+        enabled = box.run("systemctl", "is-enabled", *chain, check=False).stdout.split()
+        assert enabled == ["enabled"] * len(chain), dict(zip(chain, enabled, strict=False))
         before = len(maildir(box, "alice"))
         for i in range(3):
             result = swaks("--to", f"alice@{MAILNAME}", "--header", f"Subject: warm {i}")
