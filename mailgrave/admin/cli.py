@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import grp
 import importlib.util
 import json
 import os
+import pwd
+import re
+import stat
 import sys
 import time
 
@@ -109,7 +114,6 @@ SMTPD_GROUP = "mailgrave-smtpd"  # the users file's group: only smtpd may read i
 
 def _check_auth(config: configmod.Config, path: str) -> list[str]:
     """The auth keys that need the file system: users file, rate counters."""
-    import stat
 
     problems = []
     if config.auth.dovecot_socket:
@@ -142,11 +146,72 @@ def _check_auth(config: configmod.Config, path: str) -> list[str]:
     return problems
 
 
+def may_not_connect(sock: str, user: str) -> str | None:
+    """Why ``user`` could not connect to the Unix socket ``sock``, or None.
+
+    By the file modes, as the kernel decides: search on every directory above
+    it, write on the socket. Only the user's own uid and gid count: under systemd
+    mailgrave-smtpd runs with PrivateUsers=yes, where its other groups are
+    unmapped. None also when ``user`` does not exist (nothing runs as it here).
+    """
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return None
+
+    def allowed(st: os.stat_result, owner: int, group: int, other: int) -> bool:
+        if st.st_uid == pw.pw_uid:
+            return bool(st.st_mode & owner)
+        if st.st_gid == pw.pw_gid:
+            return bool(st.st_mode & group)
+        return bool(st.st_mode & other)
+
+    path = os.path.abspath(sock)
+    parent = os.path.dirname(path)
+    dirs = []
+    while True:
+        dirs.append(parent)
+        if parent == os.path.dirname(parent):
+            break
+        parent = os.path.dirname(parent)
+    for d in reversed(dirs):
+        try:
+            st = os.stat(d)
+        except OSError:
+            return None  # reported by the caller's own look at the socket
+        if not allowed(st, stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
+            return f"{user} may not enter {d} (mode {stat.S_IMODE(st.st_mode):04o}) to reach {sock}"
+    st = os.stat(path)
+    if not allowed(st, stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH):
+        owner = f"{_user_name(st.st_uid)}:{_group_name(st.st_gid)}"
+        return (
+            f"{user} may not connect to {sock} ({owner}, mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"give Dovecot's unix_listener user = {user} (or group = {user}, mode 0660)"
+        )
+    return None
+
+
+def _user_name(uid: int) -> str:
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def _check_dovecot(config: configmod.Config, path: str) -> list[str]:
     """auth.dovecot_socket: a socket that speaks Dovecot's auth protocol and offers PLAIN.
 
     Dovecot not running now is a warning (AUTH answers 454 until it runs), not a problem."""
-    import stat
 
     from mailgrave import dovecot
 
@@ -171,6 +236,9 @@ def _check_dovecot(config: configmod.Config, path: str) -> list[str]:
     if not stat.S_ISSOCK(st.st_mode):
         problems.append(f"{path}: auth.dovecot_socket: {sock} is not a socket")
         return problems
+    denied = may_not_connect(sock, SMTPD_GROUP)
+    if denied:
+        problems.append(f"{path}: auth.dovecot_socket: {denied}")
     try:
         mechs = dovecot.mechanisms(sock)
     except dovecot.DovecotError as exc:
@@ -189,9 +257,6 @@ QUEUE_USER = "mailgrave-queue"  # signs (mailgrave/queue/dkimsign.py): only it m
 
 def _check_dkim(config: configmod.Config, path: str) -> list[str]:
     """Each dkim.sign key: readable, a key of its algorithm, readable by the queue alone."""
-    import grp
-    import pwd
-    import stat
 
     problems = []
     for domain, (_selector, key, algorithm) in sorted(config.dkim.sign.items()):
@@ -232,8 +297,6 @@ def _check_dkim(config: configmod.Config, path: str) -> list[str]:
 
 def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     """Write a new signing key; print its DNS TXT record and the dkim.sign lines."""
-    import base64
-    import re
 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -300,7 +363,6 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
 
 def _write_key(path: str, pem: bytes) -> None:
     """``path`` created new, 0640 root:mailgrave-queue as root (0600 otherwise), durably."""
-    import grp
 
     from mailgrave.fileio import fsync_dir
 
