@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 
 from mailgrave.envelope import Envelope
@@ -101,11 +102,15 @@ class Client:
 
     # --- low level ---------------------------------------------------------------
 
-    def _readline(self, stage: str) -> bytes:
+    def _readline(self, stage: str, deadline: float) -> bytes:
         while b"\n" not in self._buf:
             if len(self._buf) > MAX_LINE:
                 self.broken = True
                 raise SMTPError(f"reply line to {stage} too long", stage, False)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
             data = self.sock.recv(4096)
             if not data:
                 self.broken = True
@@ -115,11 +120,13 @@ class Client:
         return line.rstrip(b"\r")
 
     def read_reply(self, timeout: float, stage: str) -> Reply:
-        self.sock.settimeout(timeout)
+        """The whole reply within ``timeout`` seconds, however it trickles in (a peer
+        sending a byte now and then cannot hold the delivery longer than that)."""
+        deadline = time.monotonic() + timeout
         lines: list[str] = []
         try:
             while True:
-                raw = self._readline(stage)
+                raw = self._readline(stage, deadline)
                 text = raw.decode("utf-8", "replace").translate(_PRINTABLE)
                 if len(text) < 3 or not text[:3].isdigit():
                     self.broken = True
@@ -140,6 +147,9 @@ class Client:
             raise SMTPError(
                 f"connection failed during {stage}: {exc.strerror or exc}", stage, False
             ) from None
+        finally:
+            if not self.broken:
+                self.sock.settimeout(timeout)  # what the next command's writes wait
 
     def send(self, line: str, shown: str | None = None) -> None:
         self.transcript.append(f">>> {shown if shown is not None else line}"[:500])

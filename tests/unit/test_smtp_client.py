@@ -272,6 +272,33 @@ def test_a_hanging_peer_times_out_with_the_stage_named(stage: str) -> None:
     peer.finish()
 
 
+def test_a_reply_trickled_a_byte_at_a_time_is_bounded_by_the_timeout() -> None:
+    # Each byte comes well inside the timeout, the whole reply never does: the
+    # timeout is for the reply (RFC 5321 4.5.3.2), not for each read.
+    stop = threading.Event()
+
+    def script(p: Peer) -> None:
+        p.say("220-mx.test")
+        for _ in range(200):
+            if stop.wait(0.1):
+                return
+            p.file.write(b"2")
+            p.file.flush()
+
+    peer = Peer(script)
+    timeouts = Timeouts(connect=2, greeting=0.8, command=0.8, data_init=0.8, data_end=0.8)
+    client = peer.connect(timeouts)
+    start = time.monotonic()
+    with pytest.raises(SMTPError) as err:
+        client.greet("me.test")
+    took = time.monotonic() - start
+    stop.set()
+    assert 0.7 < took < 2.5, took
+    assert "timeout waiting for the reply to greeting" in err.value.text
+    client.sock.close()
+    peer.finish()
+
+
 def test_connection_dropped_mid_data_is_a_temporary_failure() -> None:
     def script(p: Peer) -> None:
         p.greet(*EHLO_ALL)
