@@ -114,7 +114,6 @@ SMTPD_GROUP = "mailgrave-smtpd"  # the users file's group: only smtpd may read i
 
 def _check_auth(config: configmod.Config, path: str) -> list[str]:
     """The auth keys that need the file system: users file, rate counters."""
-
     problems = []
     if config.auth.dovecot_socket:
         return _check_dovecot(config, path)
@@ -154,7 +153,6 @@ def may_not_connect(sock: str, user: str) -> str | None:
     mailgrave-smtpd runs with PrivateUsers=yes, where its other groups are
     unmapped. None also when ``user`` does not exist (nothing runs as it here).
     """
-
     try:
         pw = pwd.getpwnam(user)
     except KeyError:
@@ -193,7 +191,6 @@ def may_not_connect(sock: str, user: str) -> str | None:
 
 
 def _user_name(uid: int) -> str:
-
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -201,7 +198,6 @@ def _user_name(uid: int) -> str:
 
 
 def _group_name(gid: int) -> str:
-
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
@@ -212,7 +208,6 @@ def _check_dovecot(config: configmod.Config, path: str) -> list[str]:
     """auth.dovecot_socket: a socket that speaks Dovecot's auth protocol and offers PLAIN.
 
     Dovecot not running now is a warning (AUTH answers 454 until it runs), not a problem."""
-
     from mailgrave import dovecot
 
     problems = []
@@ -257,7 +252,6 @@ QUEUE_USER = "mailgrave-queue"  # signs (mailgrave/queue/dkimsign.py): only it m
 
 def _check_dkim(config: configmod.Config, path: str) -> list[str]:
     """Each dkim.sign key: readable, a key of its algorithm, readable by the queue alone."""
-
     problems = []
     for domain, (_selector, key, algorithm) in sorted(config.dkim.sign.items()):
         where = f"{path}: dkim.sign.{domain}.key"
@@ -297,7 +291,6 @@ def _check_dkim(config: configmod.Config, path: str) -> list[str]:
 
 def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     """Write a new signing key; print its DNS TXT record and the dkim.sign lines."""
-
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -363,7 +356,6 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
 
 def _write_key(path: str, pem: bytes) -> None:
     """``path`` created new, 0640 root:mailgrave-queue as root (0600 otherwise), durably."""
-
     from mailgrave.fileio import fsync_dir
 
     directory = os.path.dirname(path) or "."
