@@ -36,16 +36,6 @@ def test_a_socket_others_may_write_is_reachable(sock: Path) -> None:
     assert may_not_connect(str(sock), USER) is None
 
 
-def test_dovecots_default_0600_is_named_with_the_fix(sock: Path) -> None:
-    if os.getuid() == pwd.getpwnam(USER).pw_uid:
-        pytest.skip("runs as the user the check is about")
-    make_traversable(sock.parent)
-    sock.chmod(0o600)
-    why = may_not_connect(str(sock), USER)
-    assert why is not None and f"{USER} may not connect to {sock}" in why
-    assert "mode 0600" in why and f"unix_listener user = {USER}" in why
-
-
 def test_the_owner_and_the_group_of_the_user_may(sock: Path) -> None:
     make_traversable(sock.parent)
     pw = pwd.getpwnam(USER)
@@ -59,14 +49,25 @@ def test_the_owner_and_the_group_of_the_user_may(sock: Path) -> None:
     assert may_not_connect(str(sock), USER) is None
 
 
-def test_a_directory_it_cannot_enter_is_named(sock: Path) -> None:
-    if os.getuid() == pwd.getpwnam(USER).pw_uid:
-        pytest.skip("runs as the user the check is about")
+@pytest.mark.parametrize(
+    ("sock_mode", "dir_mode", "said"),
+    [
+        # Dovecot's default listener mode: the reason and the fix
+        (0o600, 0o711, "{user} may not connect to {sock} (root:root, mode 0600): "
+         "give Dovecot's unix_listener user = {user}"),
+        (0o666, 0o700, "{user} may not enter {dir} (mode 0700) to reach {sock}"),
+    ],
+)  # fmt: skip
+def test_what_keeps_the_user_out_is_named(
+    sock: Path, sock_mode: int, dir_mode: int, said: str
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("the socket must belong to root, not to the user checked")
     make_traversable(sock.parent)
-    sock.chmod(0o666)
-    sock.parent.chmod(0o700)
+    sock.chmod(sock_mode)
+    sock.parent.chmod(dir_mode)
     why = may_not_connect(str(sock), USER)
-    assert why is not None and f"may not enter {sock.parent} (mode 0700)" in why
+    assert why is not None and said.format(user=USER, sock=sock, dir=sock.parent) in why, why
 
 
 def test_no_such_user_is_no_problem(sock: Path) -> None:

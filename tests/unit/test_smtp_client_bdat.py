@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -69,13 +70,7 @@ def test_refused_chunk_fails_the_transaction() -> None:
         assert read_chunk(p) == (b"BDAT 3 LAST\r\n", b"x\r\n")
         p.say("552 5.3.4 too big")
 
-    peer = Peer(script)
-    client = peer.connect()
-    client.greet("me.test")
-    with pytest.raises(SMTPError) as info:
-        client.deliver("s@a.test", ["a@b.test"], message(b"x\n"), 2, False, chunks=iter([b"x\r\n"]))
-    peer.finish()
-    [(code, text)] = pairs([info.value.result()])
+    [(code, text)] = pairs([failure_of(script).result()])
     assert code == "D" and text.endswith("said: 552 5.3.4 too big (in reply to BDAT)")
 
 
@@ -115,14 +110,9 @@ def test_an_answer_lost_after_the_whole_message_is_not_a_stale_session(chunking:
             while p.read() != b".\r\n":
                 pass
 
-    peer = Peer(script)
-    client = peer.connect()
-    client.greet("me.test")
-    with pytest.raises(SMTPError) as info:
-        client.deliver("s@a.test", ["a@b.test"], message(b"x\n"), 2, False, chunks=iter([b"x\r\n"]))
-    peer.finish()
-    assert info.value.answer_lost and not info.value.before_the_message
-    assert info.value.result().code == "Z"
+    failure = failure_of(script)
+    assert failure.answer_lost and not failure.before_the_message
+    assert failure.result().code == "Z"
 
 
 def test_a_drop_at_mail_is_before_the_message() -> None:
@@ -130,10 +120,16 @@ def test_a_drop_at_mail_is_before_the_message() -> None:
         p.greet("250-mx.test", "250-PIPELINING", "250 CHUNKING")
         p.read()
 
+    failure = failure_of(script)
+    assert failure.before_the_message and not failure.answer_lost
+
+
+def failure_of(script: Callable[[Peer], None]) -> SMTPError:
+    """How a one-line message's transaction with ``script`` failed."""
     peer = Peer(script)
     client = peer.connect()
     client.greet("me.test")
     with pytest.raises(SMTPError) as info:
         client.deliver("s@a.test", ["a@b.test"], message(b"x\n"), 2, False, chunks=iter([b"x\r\n"]))
     peer.finish()
-    assert info.value.before_the_message and not info.value.answer_lost
+    return info.value
