@@ -50,6 +50,8 @@ Reads a message on standard input and queues it for RECIPIENT(s).
   -N NOTIFY   DSN: never, or success,failure,delay (RFC 3461), for every recipient
   -R RET      DSN: return the full message or only its headers (full|hdrs)
   -V ENVID    DSN: an envelope id, echoed in delivery reports
+  -SMTPUTF8   the message is internationalised (RFC 6531/6532, as Postfix's -SMTPUTF8):
+              raw UTF-8 in its header then needs SMTPUTF8 at the next hop
 Other sendmail options (-oem, -odb, -odi, -B, -L, -O, -X, -h, -U, -G,
 -bm, -bi ...) are accepted and ignored.  Exit 0 once queued, else sysexits(3).
 """
@@ -86,6 +88,7 @@ class Options(Record):
     notify: str = ""  # DSN (-N, -R, -V)
     ret: str = ""
     envid: str = ""
+    utf8: bool = False  # -SMTPUTF8
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -120,6 +123,9 @@ def parse_args(argv: list[str]) -> Options:
             continue
         if not arg.startswith("-") or arg == "-":
             opts.recipients.append(arg)
+            continue
+        if arg == "-SMTPUTF8":
+            opts.utf8 = True
             continue
         letter, rest = arg[1:2], arg[2:]
 
@@ -348,6 +354,7 @@ def submit(opts: Options, config: configmod.Config, stream: BinaryIO) -> str:
         opts.ret,
         opts.envid,
         (opts.notify,) * len(recipients) if opts.notify else (),
+        utf8=opts.utf8,
     )
     qc = ctrl.QueueClient(config.socket_path("queue.ctrl"), {}, envelope)
     try:

@@ -356,3 +356,27 @@ def test_mailgrave_check_names_a_bad_virtual_key(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert b"local.virtual" in res.stdout + res.stderr
     assert b"expected local@domain" in res.stdout + res.stderr
+
+
+def test_sendmail_smtputf8_flag_declares_an_internationalised_message(chain: Chain) -> None:
+    # sendmail -SMTPUTF8 (Postfix's flag) is the local submitter's MAIL ... SMTPUTF8:
+    # a raw UTF-8 header then goes with SMTPUTF8, or bounces 5.6.7 where the next
+    # hop lacks it. Without the flag such a header is passed on as it came.
+    def inject(domain: str, subject: str, *flags: str) -> None:
+        text = UTF8_HEADER.format(domain=domain, subject=subject).replace("\r\n", "\n")
+        res = chain.inst.sendmail(*flags, "-f", "alice@example.org", f"x@{domain}",
+                                  data=text.encode())  # fmt: skip
+        assert res.returncode == 0, res.stderr
+
+    inject("smtputf8.test", "inject-utf8", "-SMTPUTF8")
+    meta, body = _received(chain.utf8_peer, b"inject-utf8")
+    assert "SMTPUTF8" in meta["mail_options"]  # type: ignore[operator]
+    assert "Subject: inject-utf8 Grüße".encode() in body
+    before = len(chain.inst.messages("alice"))
+    inject("nosmtputf8.test", "inject-bounce", "-SMTPUTF8")
+    wait_for(lambda: len(chain.inst.messages("alice")) > before, timeout=30)
+    assert b"Status: 5.6.7" in chain.inst.messages("alice")[-1]
+    inject("nosmtputf8.test", "inject-legacy")
+    meta, _ = _received(chain.peer, b"inject-legacy")
+    assert "SMTPUTF8" not in meta["mail_options"]  # type: ignore[operator]
+    assert not any(b"inject-bounce" in b for _, b in chain.peer.messages())
