@@ -257,19 +257,35 @@ def test_a_hanging_peer_times_out_with_the_stage_named(stage: str) -> None:
                 p.data()
         release.wait(10)  # then say nothing
 
-    peer = Peer(script)
-    timeouts = Timeouts(connect=2, greeting=0.5, command=0.5, data_init=0.5, data_end=0.5)
-    client = peer.connect(timeouts)
-    start = time.monotonic()
-    with pytest.raises(SMTPError) as err:
+    def session(client: Client) -> None:
         client.greet("me.test")
         client.deliver("s@a.test", ["a@b.test"], message(b"x\n"), 2, False)
-    assert time.monotonic() - start < 3
-    assert not err.value.permanent and "timeout" in err.value.text
-    assert stage.split()[0] in err.value.text
+
+    err, took = timed_failure(script, 0.5, session, release)
+    assert took < 3
+    assert not err.permanent and "timeout" in err.text
+    assert stage.split()[0] in err.text
+
+
+def timed_failure(
+    script: Callable[[Peer], None],
+    timeout: float,
+    session: Callable[[Client], None],
+    release: threading.Event,
+) -> tuple[SMTPError, float]:
+    """How ``session`` against ``script`` failed with every reply timeout set to
+    ``timeout``, and how long it took; ``release`` then lets the script end."""
+    peer = Peer(script)
+    limits = dict(greeting=timeout, command=timeout, data_init=timeout, data_end=timeout)
+    client = peer.connect(Timeouts(connect=2, **limits))
+    start = time.monotonic()
+    with pytest.raises(SMTPError) as err:
+        session(client)
+    took = time.monotonic() - start
     release.set()
     client.sock.close()
     peer.finish()
+    return err.value, took
 
 
 def test_a_reply_trickled_a_byte_at_a_time_is_bounded_by_the_timeout() -> None:
@@ -285,18 +301,9 @@ def test_a_reply_trickled_a_byte_at_a_time_is_bounded_by_the_timeout() -> None:
             p.file.write(b"2")
             p.file.flush()
 
-    peer = Peer(script)
-    timeouts = Timeouts(connect=2, greeting=0.8, command=0.8, data_init=0.8, data_end=0.8)
-    client = peer.connect(timeouts)
-    start = time.monotonic()
-    with pytest.raises(SMTPError) as err:
-        client.greet("me.test")
-    took = time.monotonic() - start
-    stop.set()
+    err, took = timed_failure(script, 0.8, lambda client: client.greet("me.test"), stop)
     assert 0.7 < took < 2.5, took
-    assert "timeout waiting for the reply to greeting" in err.value.text
-    client.sock.close()
-    peer.finish()
+    assert "timeout waiting for the reply to greeting" in err.text
 
 
 def test_connection_dropped_mid_data_is_a_temporary_failure() -> None:
