@@ -13,6 +13,7 @@ import re
 import stat
 import sys
 import time
+from pathlib import PurePath
 
 from mailgrave import config as configmod
 from mailgrave import dkimkey
@@ -166,14 +167,7 @@ def may_not_connect(sock: str, user: str) -> str | None:
         return bool(st.st_mode & other)
 
     path = os.path.abspath(sock)
-    parent = os.path.dirname(path)
-    dirs = []
-    while True:
-        dirs.append(parent)
-        if parent == os.path.dirname(parent):
-            break
-        parent = os.path.dirname(parent)
-    for d in reversed(dirs):
+    for d in reversed(PurePath(path).parents):  # from / down
         try:
             st = os.stat(d)
         except OSError:
