@@ -567,24 +567,6 @@ def test_connection_limit_per_client(queue_chain: Instance, processes: Processes
             sock.close()
 
 
-def _serving_pid(candidates: list[int], client: socket.socket) -> int | None:
-    """Which of ``candidates`` holds the server side of ``client``'s TCP connection."""
-    client_port = client.getsockname()[1]
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[2].split(":")[1], 16) == client_port:  # its remote end is the client
-            inode = fields[9]
-    for pid in candidates:
-        try:
-            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-        except OSError:
-            continue
-        if f"socket:[{inode}]" in links:
-            return pid
-    return None
-
-
 def test_spares_serve_connections_then_leave(queue_chain: Instance, processes: Processes) -> None:
     """After a connection the listener keeps children forked ahead of time; the next
     client is served by one of them (no fork while it waits for the greeting); they
@@ -594,7 +576,7 @@ def test_spares_serve_connections_then_leave(queue_chain: Instance, processes: P
     spares = smtpd_pid_children(proc.pid)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         assert recv_reply(sock).startswith(b"220 ")
-        assert _serving_pid(smtpd_pid_children(proc.pid), sock) in spares
+        assert _serving_child(proc.pid, sock) in spares
         sock.sendall(b"QUIT\r\n")
         assert recv_reply(sock).startswith(b"221")
     # Idle: the spares leave and are reaped (no zombie), the listener stays.
